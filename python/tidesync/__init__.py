@@ -1,0 +1,63 @@
+"""tidesync: offline-first sync for health records.
+
+The public API of the core: a hybrid logical clock, changeset diff, field-wise
+merge and range digests, all over Arrow data (see docs/semantics.md).
+"""
+
+from tidesync._core import __version__
+from tidesync.core import (
+    DEFAULT_MAX_DRIFT_MS,
+    Diff,
+    HybridClock,
+    MergeMode,
+    MergeResult,
+    clamp_hlcs,
+    diff,
+    differing_buckets,
+    digest,
+    hlc_pack,
+    hlc_unpack,
+    logical_order,
+    max_hlc,
+    merge,
+    now_ms,
+    row_hashes,
+)
+from tidesync.errors import (
+    AuthError,
+    ClockSkewError,
+    DuplicateKeyError,
+    InvalidInputError,
+    ProtocolError,
+    SchemaMismatchError,
+    SyncError,
+    UnsupportedTypeError,
+)
+
+__all__ = [
+    "DEFAULT_MAX_DRIFT_MS",
+    "AuthError",
+    "ClockSkewError",
+    "Diff",
+    "DuplicateKeyError",
+    "HybridClock",
+    "InvalidInputError",
+    "MergeMode",
+    "MergeResult",
+    "ProtocolError",
+    "SchemaMismatchError",
+    "SyncError",
+    "UnsupportedTypeError",
+    "__version__",
+    "clamp_hlcs",
+    "diff",
+    "differing_buckets",
+    "digest",
+    "hlc_pack",
+    "hlc_unpack",
+    "logical_order",
+    "max_hlc",
+    "merge",
+    "now_ms",
+    "row_hashes",
+]

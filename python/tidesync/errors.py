@@ -1,0 +1,35 @@
+"""The one exception hierarchy of tidesync.
+
+Every error tidesync raises, from Rust or from Python, is a :class:`SyncError`.
+The classes are created in the native module (so Rust raises them directly) and
+re-exported here; Python-only errors subclass them.
+"""
+
+from tidesync._core import (
+    ClockSkewError,
+    DuplicateKeyError,
+    InvalidInputError,
+    SchemaMismatchError,
+    SyncError,
+    UnsupportedTypeError,
+)
+
+
+class AuthError(SyncError):
+    """A node presented a missing, wrong or revoked token."""
+
+
+class ProtocolError(SyncError):
+    """A peer sent something the sync protocol does not allow (bad page, bad version)."""
+
+
+__all__ = [
+    "AuthError",
+    "ClockSkewError",
+    "DuplicateKeyError",
+    "InvalidInputError",
+    "ProtocolError",
+    "SchemaMismatchError",
+    "SyncError",
+    "UnsupportedTypeError",
+]

@@ -1,0 +1,98 @@
+//! Primary-key columns as hashable values, and hash indexes over them.
+//!
+//! Keys are read once into a vector of a small `Copy` type (`&[u8]`, `i64` or
+//! `u128`) so that diff and merge can be written once, generic over the key type,
+//! and run without per-row dynamic dispatch.
+
+use std::hash::Hash;
+
+use arrow_array::cast::AsArray;
+use arrow_array::types::{Int32Type, Int64Type};
+use arrow_array::{Array, RecordBatch};
+use arrow_schema::DataType;
+use hashbrown::HashMap;
+
+use crate::error::{invalid, CoreError, Result};
+
+/// The key column of a batch, read into hashable values.
+pub(crate) enum KeyValues<'a> {
+    Bytes(Vec<&'a [u8]>),
+    Int(Vec<i64>),
+    Uuid(Vec<u128>),
+}
+
+/// Position of a named column, or a clear error naming the columns there are.
+pub(crate) fn column_index(batch: &RecordBatch, name: &str, what: &str) -> Result<usize> {
+    batch.schema().index_of(name).map_err(|_| {
+        let names: Vec<String> = batch.schema().fields().iter().map(|f| f.name().clone()).collect();
+        invalid(format!("{what} column {name:?} is not in the batch (columns: {})", names.join(", ")))
+    })
+}
+
+/// Read the key column of `batch`. Null keys are an error: a row without a key
+/// cannot be matched with anything.
+pub(crate) fn read_keys<'a>(batch: &'a RecordBatch, key: &str, side: &str) -> Result<KeyValues<'a>> {
+    let col = batch.column(column_index(batch, key, "key")?);
+    if col.null_count() > 0 {
+        return Err(invalid(format!(
+            "key column {key:?} of the {side} batch has {} null value(s); every row needs a key",
+            col.null_count()
+        )));
+    }
+    Ok(match col.data_type() {
+        DataType::Utf8 => KeyValues::Bytes(col.as_string::<i32>().iter().map(|v| v.unwrap_or("").as_bytes()).collect()),
+        DataType::LargeUtf8 => {
+            KeyValues::Bytes(col.as_string::<i64>().iter().map(|v| v.unwrap_or("").as_bytes()).collect())
+        }
+        DataType::Utf8View => KeyValues::Bytes(col.as_string_view().iter().map(|v| v.unwrap_or("").as_bytes()).collect()),
+        DataType::Binary => KeyValues::Bytes(col.as_binary::<i32>().iter().map(|v| v.unwrap_or(&[])).collect()),
+        DataType::LargeBinary => KeyValues::Bytes(col.as_binary::<i64>().iter().map(|v| v.unwrap_or(&[])).collect()),
+        DataType::FixedSizeBinary(16) => {
+            let a = col.as_fixed_size_binary();
+            KeyValues::Uuid((0..a.len()).map(|i| u128::from_be_bytes(a.value(i).try_into().unwrap())).collect())
+        }
+        DataType::FixedSizeBinary(_) => {
+            let a = col.as_fixed_size_binary();
+            KeyValues::Bytes((0..a.len()).map(|i| a.value(i)).collect())
+        }
+        DataType::Int32 => KeyValues::Int(col.as_primitive::<Int32Type>().values().iter().map(|v| *v as i64).collect()),
+        DataType::Int64 => KeyValues::Int(col.as_primitive::<Int64Type>().values().to_vec()),
+        other => {
+            return Err(CoreError::UnsupportedType(format!(
+                "key column {key:?} has type {other}; keys must be utf8, large_utf8, binary, \
+                 fixed_size_binary (uuid), int32 or int64"
+            )))
+        }
+    })
+}
+
+/// Map each key to its row, refusing duplicates.
+pub(crate) fn unique_index<K: Hash + Eq + Copy + std::fmt::Debug>(
+    keys: &[K],
+    key: &str,
+    side: &str,
+) -> Result<HashMap<K, u32>> {
+    check_len(keys.len())?;
+    let mut index = HashMap::with_capacity(keys.len());
+    for (row, k) in keys.iter().enumerate() {
+        if let Some(first) = index.insert(*k, row as u32) {
+            return Err(duplicate(key, side, first as usize, row));
+        }
+    }
+    Ok(index)
+}
+
+pub(crate) fn duplicate(key: &str, side: &str, first: usize, second: usize) -> CoreError {
+    CoreError::DuplicateKey(format!(
+        "duplicate key in column {key:?} of the {side} batch (rows {first} and {second}); \
+         keys must be unique: deduplicate the batch first"
+    ))
+}
+
+/// Row positions are `u32`: a batch larger than that must be split into pages.
+pub(crate) fn check_len(len: usize) -> Result<()> {
+    if len > u32::MAX as usize {
+        return Err(invalid(format!("batch of {len} rows is too large; split it into batches below 2^32 rows")));
+    }
+    Ok(())
+}

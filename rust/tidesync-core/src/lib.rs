@@ -1,0 +1,25 @@
+//! tidesync-core: the pure sync core of tidesync, with no Python in it.
+//!
+//! - [`hlc`]: the hybrid logical clock and its vectorized helpers;
+//! - [`diff`]: changeset diff of two Arrow batches by key;
+//! - [`merge`]: whole-record and field-wise merge with a conflict batch;
+//! - [`digest`]: range digests for verification without re-syncing;
+//! - [`order`]: logical-clock ordering of a batch of changes.
+//!
+//! The semantics are specified in `docs/semantics.md` at the repository root.
+
+pub mod diff;
+pub mod digest;
+pub mod error;
+pub mod hlc;
+mod keys;
+pub mod merge;
+pub mod order;
+mod schema;
+
+pub use diff::{diff, Diff};
+pub use digest::{digest, row_hashes};
+pub use error::{CoreError, Result};
+pub use hlc::HybridClock;
+pub use merge::{merge, MergeMode, MergeOutput};
+pub use order::logical_order;

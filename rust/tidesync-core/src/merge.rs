@@ -1,0 +1,552 @@
+//! Merge of local rows and incoming versions of one table: whole-record or
+//! field-wise last-writer-wins on hybrid logical clocks, with a conflict batch
+//! holding the losing values of every concurrent edit. The rules, and why they
+//! make merge commutative, associative and idempotent, are in docs/semantics.md.
+
+use std::cmp::Ordering;
+use std::hash::Hash;
+use std::sync::Arc;
+
+use arrow_array::builder::{ListBuilder, StringBuilder};
+use arrow_array::cast::AsArray;
+use arrow_array::{Array, ArrayRef, BooleanArray, Int64Array, RecordBatch, StringArray, UInt32Array};
+use arrow_ord::ord::{make_comparator, DynComparator};
+use arrow_schema::{DataType, Field, Schema, SortOptions};
+use arrow_select::interleave::interleave;
+use arrow_select::take::take;
+use hashbrown::HashMap;
+
+use crate::error::{invalid, CoreError, Result};
+use crate::keys::{check_len, read_keys, unique_index, KeyValues};
+use crate::schema::{require_same_columns, union_nullability};
+
+pub const HLC: &str = "_hlc";
+pub const NODE: &str = "_node";
+pub const BASE_HLC: &str = "_base_hlc";
+/// Prefix of the per-column stamps of field-wise tables: `_hlc_<column>`.
+pub const COLUMN_HLC_PREFIX: &str = "_hlc_";
+pub const WINNER_HLC: &str = "_winner_hlc";
+pub const WINNER_NODE: &str = "_winner_node";
+pub const LOST_COLUMNS: &str = "_lost_columns";
+
+/// How rows of a table are merged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MergeMode {
+    /// The greater (hlc, node) version wins the whole row.
+    Record,
+    /// Each data column is won on its own stamp `_hlc_<column>`.
+    Field,
+}
+
+impl std::str::FromStr for MergeMode {
+    type Err = CoreError;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "record" => Ok(Self::Record),
+            "field" => Ok(Self::Field),
+            other => Err(invalid(format!("merge mode {other:?} is not one of \"record\", \"field\""))),
+        }
+    }
+}
+
+/// What a merge produced.
+#[derive(Debug, Clone)]
+pub struct MergeOutput {
+    /// Merged rows that differ from the local rows (or are new), input schema.
+    pub rows: RecordBatch,
+    /// One per row of `rows`: the key had no local row.
+    pub inserted: BooleanArray,
+    /// The losing side of every concurrent edit, with `_winner_hlc`, `_winner_node`
+    /// and `_lost_columns`.
+    pub conflicts: RecordBatch,
+}
+
+/// A version: (side, row) with side 0 = local, 1 = incoming.
+type V = (usize, u32);
+const LOCAL: usize = 0;
+const INCOMING: usize = 1;
+
+/// Merge `incoming` into `local` (see docs/semantics.md).
+pub fn merge(local: &RecordBatch, incoming: &RecordBatch, key: &str, mode: MergeMode) -> Result<MergeOutput> {
+    require_same_columns(local, incoming, "local", "incoming")?;
+    check_len(local.num_rows().max(incoming.num_rows()))?;
+    let ctx = Ctx::new(local, incoming, key, mode)?;
+    let groups = match (read_keys(local, key, "local")?, read_keys(incoming, key, "incoming")?) {
+        (KeyValues::Bytes(l), KeyValues::Bytes(i)) => group(&l, &i, key)?,
+        (KeyValues::Int(l), KeyValues::Int(i)) => group(&l, &i, key)?,
+        (KeyValues::Uuid(l), KeyValues::Uuid(i)) => group(&l, &i, key)?,
+        _ => return Err(invalid("key columns of local and incoming differ in type")),
+    };
+    let mut out = Output::new(&ctx);
+    let mut scratch = Vec::new();
+    for g in &groups.groups {
+        ctx.merge_group(g.local, g.first, &groups.next, &mut scratch, &mut out);
+    }
+    out.finish(&ctx)
+}
+
+/// Incoming rows grouped by key, in order of first appearance, each with its local row.
+struct Groups {
+    groups: Vec<Group>,
+    /// `next[i]`: the next incoming row with the same key as row `i`, or `u32::MAX`.
+    next: Vec<u32>,
+}
+
+struct Group {
+    first: u32,
+    local: Option<u32>,
+}
+
+fn group<K: Hash + Eq + Copy + std::fmt::Debug>(local: &[K], incoming: &[K], key: &str) -> Result<Groups> {
+    let local_index = unique_index(local, key, "local")?;
+    let mut next = vec![u32::MAX; incoming.len()];
+    // key -> (group position, last row seen) so duplicates chain in input order.
+    let mut seen: HashMap<K, (u32, u32)> = HashMap::with_capacity(incoming.len());
+    let mut groups = Vec::with_capacity(incoming.len());
+    for (row, k) in incoming.iter().enumerate() {
+        let row = row as u32;
+        match seen.entry(*k) {
+            hashbrown::hash_map::Entry::Occupied(mut e) => {
+                let last = &mut e.get_mut().1;
+                next[*last as usize] = row;
+                *last = row;
+            }
+            hashbrown::hash_map::Entry::Vacant(e) => {
+                e.insert((groups.len() as u32, row));
+                groups.push(Group { first: row, local: local_index.get(k).copied() });
+            }
+        }
+    }
+    Ok(Groups { groups, next })
+}
+
+/// The node-id column, whichever string type it has.
+enum NodeCol<'a> {
+    Utf8(&'a StringArray),
+    Large(&'a arrow_array::LargeStringArray),
+    View(&'a arrow_array::StringViewArray),
+}
+
+impl NodeCol<'_> {
+    fn get(&self, row: u32) -> &str {
+        match self {
+            Self::Utf8(a) => a.value(row as usize),
+            Self::Large(a) => a.value(row as usize),
+            Self::View(a) => a.value(row as usize),
+        }
+    }
+}
+
+/// A field-wise merged row: where its row-level part and each data column come from.
+#[derive(Clone)]
+struct Acc {
+    row: V,
+    cols: Vec<V>,
+}
+
+/// Everything the per-key merge reads, prepared once per call.
+struct Ctx<'a> {
+    mode: MergeMode,
+    batches: [&'a RecordBatch; 2],
+    hlc: [&'a [i64]; 2],
+    node: [NodeCol<'a>; 2],
+    base: [&'a Int64Array; 2],
+    /// `cmp[col][a_side * 2 + b_side]` compares values of column `col` across sides.
+    cmp: Vec<[DynComparator; 4]>,
+    /// Columns that break (hlc, node) ties, in schema order: all others in record
+    /// mode, the row-level ones in field mode.
+    tie_cols: Vec<usize>,
+    /// Data columns (neither key nor `_`-prefixed) and, in field mode, their stamps.
+    data_cols: Vec<usize>,
+    /// Field mode: `stamps[d][side]` is the stamp column of data column `d`.
+    stamps: Vec<[&'a Int64Array; 2]>,
+    stamp_idx: Vec<usize>,
+    data_names: Vec<String>,
+}
+
+impl<'a> Ctx<'a> {
+    fn new(local: &'a RecordBatch, incoming: &'a RecordBatch, key: &str, mode: MergeMode) -> Result<Self> {
+        let schema = incoming.schema();
+        let idx = |name: &str, why: &str| {
+            schema.index_of(name).map_err(|_| invalid(format!("merge needs a {name:?} column ({why}); it is missing")))
+        };
+        let key_idx = idx(key, "the key")?;
+        let (hlc_idx, node_idx, base_idx) = (
+            idx(HLC, "the version's HLC stamp")?,
+            idx(NODE, "the node that wrote the version")?,
+            idx(BASE_HLC, "the stamp the version was derived from")?,
+        );
+        let batches = [local, incoming];
+        let int64 = |b: &'a RecordBatch, c: usize, allow_null: bool| -> Result<&'a Int64Array> {
+            let col = b.column(c);
+            let arr = col.as_any().downcast_ref::<Int64Array>().ok_or_else(|| {
+                CoreError::UnsupportedType(format!(
+                    "column {:?} must be int64, got {}",
+                    b.schema().field(c).name(),
+                    col.data_type()
+                ))
+            })?;
+            if !allow_null && arr.null_count() > 0 {
+                return Err(invalid(format!("column {:?} has null stamps; every version needs one", b.schema().field(c).name())));
+            }
+            Ok(arr)
+        };
+        let node = |b: &'a RecordBatch| -> Result<NodeCol<'a>> {
+            let col = b.column(node_idx);
+            if col.null_count() > 0 {
+                return Err(invalid(format!("column {NODE:?} has nulls; every version needs the node that wrote it")));
+            }
+            Ok(match col.data_type() {
+                DataType::Utf8 => NodeCol::Utf8(col.as_string::<i32>()),
+                DataType::LargeUtf8 => NodeCol::Large(col.as_string::<i64>()),
+                DataType::Utf8View => NodeCol::View(col.as_string_view()),
+                other => return Err(CoreError::UnsupportedType(format!("column {NODE:?} must be a string, got {other}"))),
+            })
+        };
+        let hlc = [int64(local, hlc_idx, false)?.values().as_ref(), int64(incoming, hlc_idx, false)?.values().as_ref()];
+        let base = [int64(local, base_idx, true)?, int64(incoming, base_idx, true)?];
+
+        let names: Vec<&String> = schema.fields().iter().map(|f| f.name()).collect();
+        let data_cols: Vec<usize> =
+            (0..names.len()).filter(|&c| c != key_idx && !names[c].starts_with('_')).collect();
+        let (mut stamps, mut stamp_idx) = (Vec::new(), Vec::new());
+        if mode == MergeMode::Field {
+            for &c in &data_cols {
+                let s = idx(&format!("{COLUMN_HLC_PREFIX}{}", names[c]), "field-wise stamp of a data column")?;
+                stamps.push([int64(local, s, true)?, int64(incoming, s, true)?]);
+                stamp_idx.push(s);
+            }
+        }
+        let tie_cols: Vec<usize> = (0..names.len())
+            .filter(|&c| c != hlc_idx && c != node_idx)
+            .filter(|c| mode == MergeMode::Record || (!data_cols.contains(c) && !stamp_idx.contains(c)))
+            .collect();
+        let opts = SortOptions { descending: false, nulls_first: true };
+        let mut cmp = Vec::with_capacity(names.len());
+        for c in 0..names.len() {
+            let (l, i) = (local.column(c).as_ref(), incoming.column(c).as_ref());
+            let make = |a: &dyn Array, b: &dyn Array| {
+                make_comparator(a, b, opts).map_err(|e| {
+                    CoreError::UnsupportedType(format!("column {:?} cannot be compared: {e}", names[c]))
+                })
+            };
+            cmp.push([make(l, l)?, make(l, i)?, make(i, l)?, make(i, i)?]);
+        }
+        Ok(Self {
+            mode,
+            batches,
+            hlc,
+            node: [node(local)?, node(incoming)?],
+            base,
+            cmp,
+            tie_cols,
+            data_names: data_cols.iter().map(|&c| names[c].clone()).collect(),
+            data_cols,
+            stamps,
+            stamp_idx,
+        })
+    }
+
+    fn hlc(&self, v: V) -> i64 {
+        self.hlc[v.0][v.1 as usize]
+    }
+
+    fn node(&self, v: V) -> &str {
+        self.node[v.0].get(v.1)
+    }
+
+    /// `_base_hlc`, None when null.
+    fn base(&self, v: V) -> Option<i64> {
+        let a = self.base[v.0];
+        a.is_valid(v.1 as usize).then(|| a.value(v.1 as usize))
+    }
+
+    /// The stamp of data column number `d`, None when null.
+    fn stamp(&self, v: V, d: usize) -> Option<i64> {
+        let a = self.stamps[d][v.0];
+        a.is_valid(v.1 as usize).then(|| a.value(v.1 as usize))
+    }
+
+    fn cmp_col(&self, c: usize, a: V, b: V) -> Ordering {
+        (self.cmp[c][a.0 * 2 + b.0])(a.1 as usize, b.1 as usize)
+    }
+
+    /// Order by (hlc, node) only.
+    fn stamp_order(&self, a: V, b: V) -> Ordering {
+        self.hlc(a).cmp(&self.hlc(b)).then_with(|| self.node(a).as_bytes().cmp(self.node(b).as_bytes()))
+    }
+
+    /// Record mode: the full row order; field mode: the row-level order.
+    fn version_order(&self, a: V, b: V) -> Ordering {
+        self.stamp_order(a, b).then_with(|| {
+            for &c in &self.tie_cols {
+                let o = self.cmp_col(c, a, b);
+                if o != Ordering::Equal {
+                    return o;
+                }
+            }
+            Ordering::Equal
+        })
+    }
+
+    /// The full row order of record mode, used to sort versions before folding.
+    fn full_order(&self, a: V, b: V) -> Ordering {
+        self.stamp_order(a, b).then_with(|| {
+            (0..self.cmp.len()).map(|c| self.cmp_col(c, a, b)).find(|o| *o != Ordering::Equal).unwrap_or(Ordering::Equal)
+        })
+    }
+
+    /// Field mode: order of data column number `d` by (stamp, value). A null stamp
+    /// sorts below every stamp (`None < Some`), so the order stays total on what is
+    /// stored: a null stamp and a 0 stamp are different contents.
+    fn column_order(&self, d: usize, a: V, b: V) -> Ordering {
+        self.stamp(a, d).cmp(&self.stamp(b, d)).then_with(|| self.cmp_col(self.data_cols[d], a, b))
+    }
+
+    /// Whether `w` (the greater by (hlc, node)) follows `l` without a conflict.
+    fn sequential(&self, w: V, l: V) -> bool {
+        self.base(w) == Some(self.hlc(l)) || self.node(w) == self.node(l)
+    }
+
+    fn merge_group(&self, local: Option<u32>, first: u32, next: &[u32], scratch: &mut Vec<V>, out: &mut Output) {
+        let single = next[first as usize] == u32::MAX;
+        if self.mode == MergeMode::Record && single {
+            // The common case, kept free of allocation: one incoming version.
+            let inc = (INCOMING, first);
+            match local {
+                None => out.write_record(inc, true),
+                Some(l) => {
+                    let loc = (LOCAL, l);
+                    match self.full_order(inc, loc) {
+                        Ordering::Greater => {
+                            self.record_conflict(loc, inc, out);
+                            out.write_record(inc, false);
+                        }
+                        Ordering::Less => self.record_conflict(inc, loc, out),
+                        Ordering::Equal => {}
+                    }
+                }
+            }
+            return;
+        }
+        scratch.clear();
+        scratch.extend(local.map(|l| (LOCAL, l)));
+        let mut row = first;
+        while row != u32::MAX {
+            scratch.push((INCOMING, row));
+            row = next[row as usize];
+        }
+        // Local first, then a stable sort: among equal versions the local one stays first.
+        scratch.sort_by(|a, b| self.full_order(*a, *b));
+        let loc = local.map(|l| (LOCAL, l));
+        match self.mode {
+            MergeMode::Record => {
+                for pair in scratch.windows(2) {
+                    self.record_conflict(pair[0], pair[1], out);
+                }
+                let winner = *scratch.last().unwrap();
+                match loc {
+                    None => out.write_record(winner, true),
+                    Some(l) if self.full_order(winner, l) == Ordering::Greater => out.write_record(winner, false),
+                    Some(_) => {}
+                }
+            }
+            MergeMode::Field => {
+                let mut acc = Acc { row: scratch[0], cols: vec![scratch[0]; self.data_cols.len()] };
+                for &b in &scratch[1..] {
+                    self.field_conflict(&acc, b, out);
+                    if self.version_order(b, acc.row) == Ordering::Greater {
+                        acc.row = b;
+                    }
+                    for d in 0..acc.cols.len() {
+                        if self.column_order(d, b, acc.cols[d]) == Ordering::Greater {
+                            acc.cols[d] = b;
+                        }
+                    }
+                }
+                match loc {
+                    None => out.write_field(acc, true),
+                    Some(l) => {
+                        // Parts equal to the local row's are taken from it, so "nothing
+                        // changed" is simply "every part is local".
+                        if self.version_order(acc.row, l) == Ordering::Equal {
+                            acc.row = l;
+                        }
+                        for d in 0..acc.cols.len() {
+                            if self.column_order(d, acc.cols[d], l) == Ordering::Equal {
+                                acc.cols[d] = l;
+                            }
+                        }
+                        if acc.row != l || acc.cols.iter().any(|c| *c != l) {
+                            out.write_field(acc, false);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Record mode: `w` >= `l` in row order; log `l` if the edits were concurrent.
+    fn record_conflict(&self, l: V, w: V, out: &mut Output) {
+        if self.stamp_order(l, w) == Ordering::Equal || self.sequential(w, l) {
+            return;
+        }
+        let lost: Vec<u32> = (0..self.data_cols.len())
+            .filter(|&d| self.cmp_col(self.data_cols[d], l, w) != Ordering::Equal)
+            .map(|d| d as u32)
+            .collect();
+        if !lost.is_empty() {
+            out.conflicts.push(Conflict { row: Acc { row: l, cols: Vec::new() }, winner: w, lost });
+        }
+    }
+
+    /// Field mode: check the merged-so-far row `acc` against the next version `b`.
+    fn field_conflict(&self, acc: &Acc, b: V, out: &mut Output) {
+        let a = acc.row;
+        let (w, l) = match self.stamp_order(a, b) {
+            Ordering::Equal => return,
+            Ordering::Greater => (a, b),
+            Ordering::Less => (b, a),
+        };
+        if self.sequential(w, l) {
+            return;
+        }
+        let (base_a, base_b) = (self.base(a).unwrap_or(0), self.base(b).unwrap_or(0));
+        let (mut lost_a, mut lost_b) = (Vec::new(), Vec::new());
+        for (d, &src) in acc.cols.iter().enumerate() {
+            let changed = |v: V, base: i64| self.stamp(v, d).unwrap_or(0) > base;
+            let both_changed = changed(src, base_a) && changed(b, base_b);
+            if !both_changed || self.cmp_col(self.data_cols[d], src, b) == Ordering::Equal {
+                continue;
+            }
+            match self.column_order(d, src, b) {
+                Ordering::Less => lost_a.push(d as u32),
+                _ => lost_b.push(d as u32),
+            }
+        }
+        if !lost_a.is_empty() {
+            out.conflicts.push(Conflict { row: acc.clone(), winner: b, lost: lost_a });
+        }
+        if !lost_b.is_empty() {
+            out.conflicts.push(Conflict { row: Acc { row: b, cols: Vec::new() }, winner: a, lost: lost_b });
+        }
+    }
+}
+
+struct Conflict {
+    /// The losing side's row (field mode: possibly assembled from several versions).
+    row: Acc,
+    /// The version on the other side of the pair.
+    winner: V,
+    /// Positions in `Ctx::data_cols` of the lost columns.
+    lost: Vec<u32>,
+}
+
+/// Output under construction: sources of every output row, then assembled per column.
+struct Output {
+    /// Row-level source of each output row.
+    rows: Vec<V>,
+    /// Field mode: source of each data column of each output row, `[row][d]` flattened.
+    cols: Vec<V>,
+    inserted: Vec<bool>,
+    conflicts: Vec<Conflict>,
+}
+
+impl Output {
+    fn new(ctx: &Ctx) -> Self {
+        let n = ctx.batches[INCOMING].num_rows();
+        Self {
+            rows: Vec::with_capacity(n),
+            cols: Vec::with_capacity(if ctx.mode == MergeMode::Field { n * ctx.data_cols.len() } else { 0 }),
+            inserted: Vec::with_capacity(n),
+            conflicts: Vec::new(),
+        }
+    }
+
+    fn write_record(&mut self, v: V, inserted: bool) {
+        self.rows.push(v);
+        self.inserted.push(inserted);
+    }
+
+    fn write_field(&mut self, acc: Acc, inserted: bool) {
+        self.rows.push(acc.row);
+        self.cols.extend_from_slice(&acc.cols);
+        self.inserted.push(inserted);
+    }
+
+    fn finish(self, ctx: &Ctx) -> Result<MergeOutput> {
+        let schema = union_nullability(&ctx.batches[LOCAL].schema(), &ctx.batches[INCOMING].schema());
+        let nd = ctx.data_cols.len();
+        let rows_cols = assemble(ctx, &self.rows, |c| column_part(ctx, c), |part, r| {
+            if ctx.mode == MergeMode::Field {
+                part.map_or(self.rows[r], |d| self.cols[r * nd + d])
+            } else {
+                self.rows[r]
+            }
+        })?;
+        let rows = RecordBatch::try_new(schema.clone(), rows_cols)?;
+
+        let sources: Vec<V> = self.conflicts.iter().map(|c| c.row.row).collect();
+        let mut columns = assemble(ctx, &sources, |c| column_part(ctx, c), |part, r| {
+            let row = &self.conflicts[r].row;
+            match part {
+                Some(d) if !row.cols.is_empty() => row.cols[d],
+                _ => row.row,
+            }
+        })?;
+        let winner_hlc: Int64Array = self.conflicts.iter().map(|c| Some(ctx.hlc(c.winner))).collect();
+        let winner_node: StringArray = self.conflicts.iter().map(|c| Some(ctx.node(c.winner))).collect();
+        let mut lost = ListBuilder::new(StringBuilder::new());
+        for c in &self.conflicts {
+            for &d in &c.lost {
+                lost.values().append_value(&ctx.data_names[d as usize]);
+            }
+            lost.append(true);
+        }
+        let lost = lost.finish();
+        let mut fields: Vec<Field> = schema.fields().iter().map(|f| f.as_ref().clone()).collect();
+        fields.push(Field::new(WINNER_HLC, DataType::Int64, false));
+        fields.push(Field::new(WINNER_NODE, DataType::Utf8, false));
+        fields.push(Field::new(LOST_COLUMNS, lost.data_type().clone(), false));
+        columns.push(Arc::new(winner_hlc));
+        columns.push(Arc::new(winner_node));
+        columns.push(Arc::new(lost));
+        let conflicts = RecordBatch::try_new(Arc::new(Schema::new(fields)), columns)?;
+        Ok(MergeOutput { rows, inserted: BooleanArray::from(self.inserted), conflicts })
+    }
+}
+
+/// Field mode: which data column (position in `data_cols`) column `c` belongs to,
+/// as the value or as its stamp; None for row-level columns.
+fn column_part(ctx: &Ctx, c: usize) -> Option<usize> {
+    if ctx.mode != MergeMode::Field {
+        return None;
+    }
+    ctx.data_cols.iter().position(|&x| x == c).or_else(|| ctx.stamp_idx.iter().position(|&x| x == c))
+}
+
+/// Build every output column from per-row sources: `take` when all rows of a column
+/// come from the incoming side (the usual case), `interleave` otherwise.
+fn assemble(
+    ctx: &Ctx,
+    rows: &[V],
+    part_of: impl Fn(usize) -> Option<usize>,
+    source: impl Fn(Option<usize>, usize) -> V,
+) -> Result<Vec<ArrayRef>> {
+    let ncols = ctx.batches[INCOMING].num_columns();
+    let mut out = Vec::with_capacity(ncols);
+    for c in 0..ncols {
+        let part = part_of(c);
+        let sources: Vec<V> = (0..rows.len()).map(|r| source(part, r)).collect();
+        let col = if sources.iter().all(|v| v.0 == INCOMING) {
+            let idx = UInt32Array::from_iter_values(sources.iter().map(|v| v.1));
+            take(ctx.batches[INCOMING].column(c), &idx, None)?
+        } else {
+            let arrays = [ctx.batches[LOCAL].column(c).as_ref(), ctx.batches[INCOMING].column(c).as_ref()];
+            let idx: Vec<(usize, usize)> = sources.iter().map(|v| (v.0, v.1 as usize)).collect();
+            interleave(&arrays, &idx)?
+        };
+        out.push(col);
+    }
+    Ok(out)
+}

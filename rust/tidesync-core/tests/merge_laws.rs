@@ -1,0 +1,194 @@
+//! Property tests of the merge laws on table states: applying batches of versions
+//! is commutative, associative and idempotent, in both merge modes.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use arrow_array::cast::AsArray;
+use arrow_array::types::Int64Type;
+use arrow_array::{Array, ArrayRef, Int64Array, RecordBatch, StringArray};
+use proptest::prelude::*;
+use tidesync_core::{merge, MergeMode};
+
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+struct Row {
+    id: String,
+    v: Option<i64>,
+    s: Option<String>,
+    hlc: i64,
+    node: String,
+    base: Option<i64>,
+    hv: Option<i64>,
+    hs: Option<i64>,
+}
+
+type State = BTreeMap<String, Row>;
+
+fn to_batch(rows: &[Row]) -> RecordBatch {
+    let col_i = |f: &dyn Fn(&Row) -> Option<i64>| Arc::new(rows.iter().map(f).collect::<Int64Array>()) as ArrayRef;
+    RecordBatch::try_from_iter(vec![
+        ("id", Arc::new(rows.iter().map(|r| Some(r.id.clone())).collect::<StringArray>()) as ArrayRef),
+        ("v", col_i(&|r| r.v)),
+        ("s", Arc::new(rows.iter().map(|r| r.s.clone()).collect::<StringArray>()) as ArrayRef),
+        ("_hlc", col_i(&|r| Some(r.hlc))),
+        ("_node", Arc::new(rows.iter().map(|r| Some(r.node.clone())).collect::<StringArray>()) as ArrayRef),
+        ("_base_hlc", col_i(&|r| r.base)),
+        ("_hlc_v", col_i(&|r| r.hv)),
+        ("_hlc_s", col_i(&|r| r.hs)),
+    ])
+    .unwrap()
+}
+
+fn from_batch(b: &RecordBatch) -> Vec<Row> {
+    let s = |c: usize| b.column(c).as_string::<i32>();
+    let i = |c: usize| b.column(c).as_primitive::<Int64Type>();
+    (0..b.num_rows())
+        .map(|r| {
+            let opt_i = |c: usize| i(c).is_valid(r).then(|| i(c).value(r));
+            Row {
+                id: s(0).value(r).to_string(),
+                v: opt_i(1),
+                s: s(2).is_valid(r).then(|| s(2).value(r).to_string()),
+                hlc: i(3).value(r),
+                node: s(4).value(r).to_string(),
+                base: opt_i(5),
+                hv: opt_i(6),
+                hs: opt_i(7),
+            }
+        })
+        .collect()
+}
+
+/// Merge a batch into a state and upsert the rows the merge says to write.
+fn apply(state: &State, batch: &[Row], mode: MergeMode) -> (State, usize) {
+    let local: Vec<Row> = state.values().cloned().collect();
+    let out = merge(&to_batch(&local), &to_batch(batch), "id", mode).unwrap();
+    let mut next = state.clone();
+    let written = from_batch(&out.rows);
+    let n = written.len();
+    for row in written {
+        next.insert(row.id.clone(), row);
+    }
+    (next, n)
+}
+
+fn row() -> impl Strategy<Value = Row> {
+    (
+        0..4u8,
+        proptest::option::of(0..3i64),
+        proptest::option::of(prop_oneof![Just("x".to_string()), Just("y".to_string())]),
+        0..8i64,
+        prop_oneof![Just("a"), Just("b"), Just("c")],
+        proptest::option::of(0..8i64),
+        proptest::option::of(0..8i64),
+        proptest::option::of(0..8i64),
+    )
+        .prop_map(|(k, v, s, hlc, node, base, hv, hs)| Row {
+            id: format!("k{k}"),
+            v,
+            s,
+            hlc,
+            node: node.to_string(),
+            base,
+            hv: hv.map(|x| x.min(hlc)),
+            hs: hs.map(|x| x.min(hlc)),
+        })
+}
+
+fn batch() -> impl Strategy<Value = Vec<Row>> {
+    proptest::collection::vec(row(), 0..8)
+}
+
+/// A starting state: any batch applied to the empty table (so its keys are unique).
+fn state(rows: Vec<Row>, mode: MergeMode) -> State {
+    apply(&State::new(), &rows, mode).0
+}
+
+fn modes() -> impl Strategy<Value = MergeMode> {
+    prop_oneof![Just(MergeMode::Record), Just(MergeMode::Field)]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(1000))]
+
+    #[test]
+    fn commutative(s in batch(), a in batch(), b in batch(), mode in modes()) {
+        let s = state(s, mode);
+        let ab = apply(&apply(&s, &a, mode).0, &b, mode).0;
+        let ba = apply(&apply(&s, &b, mode).0, &a, mode).0;
+        prop_assert_eq!(ab, ba);
+    }
+
+    #[test]
+    fn associative(s in batch(), a in batch(), b in batch(), mode in modes()) {
+        let s = state(s, mode);
+        let together: Vec<Row> = a.iter().chain(&b).cloned().collect();
+        let one = apply(&s, &together, mode).0;
+        let two = apply(&apply(&s, &a, mode).0, &b, mode).0;
+        prop_assert_eq!(one, two);
+    }
+
+    #[test]
+    fn idempotent(s in batch(), a in batch(), mode in modes()) {
+        let s = state(s, mode);
+        let (once, _) = apply(&s, &a, mode);
+        let (twice, written) = apply(&once, &a, mode);
+        prop_assert_eq!(written, 0);
+        prop_assert_eq!(once, twice);
+    }
+
+    #[test]
+    fn record_mode_keeps_a_whole_version(s in batch(), a in batch()) {
+        let s = state(s, MergeMode::Record);
+        let (next, _) = apply(&s, &a, MergeMode::Record);
+        for (k, row) in &next {
+            let candidates: Vec<&Row> = s.get(k).into_iter().chain(a.iter().filter(|r| &r.id == k)).collect();
+            prop_assert!(candidates.contains(&row));
+            let max = candidates.iter().map(|r| (r.hlc, r.node.clone())).max().unwrap();
+            prop_assert_eq!((row.hlc, row.node.clone()), max);
+        }
+    }
+}
+
+fn version(id: &str, v: i64, hlc: i64, node: &str, base: Option<i64>) -> Row {
+    Row { id: id.into(), v: Some(v), s: Some("x".into()), hlc, node: node.into(), base, hv: Some(hlc), hs: Some(1) }
+}
+
+#[test]
+fn sequential_edits_are_not_conflicts() {
+    let local = vec![version("k", 1, 10, "a", None)];
+    let incoming = vec![version("k", 2, 20, "b", Some(10))];
+    let out = merge(&to_batch(&local), &to_batch(&incoming), "id", MergeMode::Record).unwrap();
+    assert_eq!(out.rows.num_rows(), 1);
+    assert_eq!(out.conflicts.num_rows(), 0);
+}
+
+#[test]
+fn concurrent_edits_log_the_loser() {
+    let local = vec![version("k", 1, 30, "a", Some(5))];
+    let incoming = vec![version("k", 2, 20, "b", Some(5))];
+    let out = merge(&to_batch(&local), &to_batch(&incoming), "id", MergeMode::Record).unwrap();
+    assert_eq!(out.rows.num_rows(), 0, "local wins, nothing to write");
+    assert_eq!(out.conflicts.num_rows(), 1);
+    let lost = out.conflicts.column_by_name("_lost_columns").unwrap().as_list::<i32>().value(0);
+    assert_eq!(lost.as_string::<i32>().value(0), "v");
+    let winner = out.conflicts.column_by_name("_winner_node").unwrap().as_string::<i32>().value(0).to_string();
+    assert_eq!(winner, "a");
+}
+
+#[test]
+fn field_mode_merges_disjoint_edits_without_conflict() {
+    // Both derived from version 5; a changed v at 30, b changed s at 20.
+    let mut a = version("k", 9, 30, "a", Some(5));
+    a.hv = Some(30);
+    a.hs = Some(1);
+    let mut b = version("k", 1, 20, "b", Some(5));
+    b.s = Some("y".into());
+    b.hv = Some(1);
+    b.hs = Some(20);
+    let out = merge(&to_batch(&[a]), &to_batch(&[b]), "id", MergeMode::Field).unwrap();
+    let rows = from_batch(&out.rows);
+    assert_eq!(rows.len(), 1);
+    assert_eq!((rows[0].v, rows[0].s.as_deref(), rows[0].hlc), (Some(9), Some("y"), 30));
+    assert_eq!(out.conflicts.num_rows(), 0);
+}
