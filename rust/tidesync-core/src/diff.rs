@@ -4,12 +4,13 @@ use std::hash::Hash;
 use std::sync::Arc;
 
 use arrow_array::{Array, ArrayRef, BooleanArray, RecordBatch, UInt32Array};
+use arrow_buffer::BooleanBuffer;
 use arrow_schema::{DataType, Field, Schema};
 use arrow_select::take::take;
-use hashbrown::HashSet;
 
+use crate::compare;
 use crate::error::{invalid, Result};
-use crate::keys::{check_len, column_index, duplicate, read_keys, unique_index, KeyValues};
+use crate::keys::{check_len, column_index, duplicate, read_keys, FirstSeen, KeyIndex, KeyValues};
 use crate::schema::require_same_columns;
 
 /// Column names the diff adds to its outputs.
@@ -56,15 +57,15 @@ struct Matches {
 
 fn match_keys<K: Hash + Eq + Copy + std::fmt::Debug>(old: &[K], new: &[K], key: &str) -> Result<Matches> {
     check_len(new.len())?;
-    let index = unique_index(old, key, "old")?;
+    let index = KeyIndex::unique(old, key, "old")?;
     let mut matched_by = vec![u32::MAX; old.len()];
-    let mut inserted_seen: HashSet<K> = HashSet::new();
+    let mut inserted_seen = FirstSeen::new(new, 0);
     let mut m = Matches { inserted: Vec::new(), deleted: Vec::new(), old_rows: Vec::new(), new_rows: Vec::new() };
     m.old_rows.reserve(new.len().min(old.len()));
     m.new_rows.reserve(new.len().min(old.len()));
     for (row, k) in new.iter().enumerate() {
         match index.get(k) {
-            Some(&o) => {
+            Some(o) => {
                 let prev = std::mem::replace(&mut matched_by[o as usize], row as u32);
                 if prev != u32::MAX {
                     return Err(duplicate(key, "new", prev as usize, row));
@@ -73,9 +74,9 @@ fn match_keys<K: Hash + Eq + Copy + std::fmt::Debug>(old: &[K], new: &[K], key: 
                 m.new_rows.push(row as u32);
             }
             None => {
-                if !inserted_seen.insert(*k) {
-                    let first = new.iter().position(|x| x == k).unwrap_or(0);
-                    return Err(duplicate(key, "new", first, row));
+                let first = inserted_seen.first_row(row as u32);
+                if first != row as u32 {
+                    return Err(duplicate(key, "new", first as usize, row));
                 }
                 m.inserted.push(row as u32);
             }
@@ -97,22 +98,20 @@ fn build(old: &RecordBatch, new: &RecordBatch, key_idx: usize, m: Matches) -> Re
     let inserted = keyed(new, m.inserted, NEW_INDEX)?;
     let deleted = keyed(old, m.deleted, OLD_INDEX)?;
 
-    // Compare matched rows column by column with vectorized kernels: take both
-    // sides into alignment, then `distinct` (IS DISTINCT FROM: nulls are values).
-    let (old_rows, new_rows) = (UInt32Array::from(m.old_rows), UInt32Array::from(m.new_rows));
+    // Compare matched rows column by column through the index pairs (nulls are
+    // values: IS DISTINCT FROM), then keep the pairs where any column changed.
     let mut masks: Vec<(Field, BooleanArray)> = Vec::new();
-    let mut any = BooleanArray::from(vec![false; new_rows.len()]);
+    let mut any = BooleanBuffer::new_unset(m.new_rows.len());
     for (c, field) in new.schema().fields().iter().enumerate() {
         if c == key_idx {
             continue;
         }
-        let a = take(old.column(c), &old_rows, None)?;
-        let b = take(new.column(c), &new_rows, None)?;
-        let changed = arrow_ord::cmp::distinct(&a, &b)?;
-        any = arrow_arith_or(&any, &changed);
-        masks.push((Field::new(field.name(), DataType::Boolean, false), changed));
+        let changed = compare::changed(old.column(c).as_ref(), new.column(c).as_ref(), &m.old_rows, &m.new_rows)?;
+        any = &any | &changed;
+        masks.push((Field::new(field.name(), DataType::Boolean, false), BooleanArray::new(changed, None)));
     }
-    let keep = any;
+    let (old_rows, new_rows) = (UInt32Array::from(m.old_rows), UInt32Array::from(m.new_rows));
+    let keep = BooleanArray::new(any, None);
     let filter = |a: &dyn Array| arrow_select::filter::filter(a, &keep);
     let mut fields = vec![key_field, index_field(OLD_INDEX), index_field(NEW_INDEX)];
     let mut columns: Vec<ArrayRef> = vec![
@@ -126,11 +125,6 @@ fn build(old: &RecordBatch, new: &RecordBatch, key_idx: usize, m: Matches) -> Re
     }
     let updated = RecordBatch::try_new(Arc::new(Schema::new(fields)), columns)?;
     Ok(Diff { inserted, deleted, updated })
-}
-
-/// Element-wise OR of two null-free boolean arrays (avoids pulling in arrow-arith).
-fn arrow_arith_or(a: &BooleanArray, b: &BooleanArray) -> BooleanArray {
-    BooleanArray::new(a.values() | b.values(), None)
 }
 
 #[cfg(test)]

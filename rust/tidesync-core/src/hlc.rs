@@ -115,7 +115,8 @@ pub fn max_stamp(array: &dyn Array) -> Result<Option<u64>> {
 pub fn clamp_stamps(array: &dyn Array, now_ms: u64, max_drift_ms: u64) -> Result<(ArrayRef, BooleanArray)> {
     let bound = drift_bound(now_ms, max_drift_ms);
     let values = stamps(array)?;
-    let mask: BooleanArray = values.iter().map(|v| v.map(|s| s > bound)).collect();
+    // A null stamp is not ahead of anything: not clamped, and stays null.
+    let mask: BooleanArray = values.iter().map(|v| Some(v.is_some_and(|s| s > bound))).collect();
     let clamped: Vec<Option<u64>> = values.iter().map(|v| v.map(|s| s.min(bound))).collect();
     let out: ArrayRef = match array.data_type() {
         arrow_schema::DataType::Int64 => {
@@ -189,7 +190,7 @@ mod tests {
         let (out, mask) = clamp_stamps(&a, 10, 100).unwrap();
         let out = out.as_any().downcast_ref::<Int64Array>().unwrap();
         assert_eq!(out.value(2) as u64, drift_bound(10, 100));
-        assert_eq!(mask.iter().collect::<Vec<_>>(), vec![Some(false), None, Some(true)]);
+        assert_eq!(mask.iter().collect::<Vec<_>>(), vec![Some(false), Some(false), Some(true)]);
         assert_eq!(max_stamp(&a).unwrap(), Some(pack(5000, 0)));
     }
 }

@@ -10,7 +10,9 @@ use arrow_array::cast::AsArray;
 use arrow_array::types::{Int32Type, Int64Type};
 use arrow_array::{Array, RecordBatch};
 use arrow_schema::DataType;
-use hashbrown::HashMap;
+use hashbrown::hash_table::Entry;
+use hashbrown::{DefaultHashBuilder, HashTable};
+use std::hash::BuildHasher;
 
 use crate::error::{invalid, CoreError, Result};
 
@@ -66,20 +68,60 @@ pub(crate) fn read_keys<'a>(batch: &'a RecordBatch, key: &str, side: &str) -> Re
     })
 }
 
-/// Map each key to its row, refusing duplicates.
-pub(crate) fn unique_index<K: Hash + Eq + Copy + std::fmt::Debug>(
-    keys: &[K],
-    key: &str,
-    side: &str,
-) -> Result<HashMap<K, u32>> {
-    check_len(keys.len())?;
-    let mut index = HashMap::with_capacity(keys.len());
-    for (row, k) in keys.iter().enumerate() {
-        if let Some(first) = index.insert(*k, row as u32) {
-            return Err(duplicate(key, side, first as usize, row));
+/// A hash index from key to row. Entries are 4-byte row numbers that point back
+/// into the key vector (a `HashMap<K, u32>` would store the key too): on million-row
+/// batches the smaller table means far fewer cache misses.
+pub(crate) struct KeyIndex<'a, K> {
+    keys: &'a [K],
+    table: HashTable<u32>,
+    state: DefaultHashBuilder,
+}
+
+impl<'a, K: Hash + Eq + Copy> KeyIndex<'a, K> {
+    /// Index `keys`, refusing duplicates.
+    pub(crate) fn unique(keys: &'a [K], key: &str, side: &str) -> Result<Self> {
+        check_len(keys.len())?;
+        let state = DefaultHashBuilder::default();
+        let mut table = HashTable::with_capacity(keys.len());
+        for (row, k) in keys.iter().enumerate() {
+            let hash = state.hash_one(k);
+            match table.entry(hash, |&i: &u32| keys[i as usize] == *k, |&i: &u32| state.hash_one(keys[i as usize])) {
+                Entry::Occupied(e) => return Err(duplicate(key, side, *e.get() as usize, row)),
+                Entry::Vacant(e) => {
+                    e.insert(row as u32);
+                }
+            }
         }
+        Ok(Self { keys, table, state })
     }
-    Ok(index)
+
+    /// The row holding `k`.
+    #[inline]
+    pub(crate) fn get(&self, k: &K) -> Option<u32> {
+        self.table.find(self.state.hash_one(k), |&i| self.keys[i as usize] == *k).copied()
+    }
+}
+
+/// A growing set of keys, each mapped to the first row it was seen at.
+pub(crate) struct FirstSeen<'a, K> {
+    keys: &'a [K],
+    table: HashTable<u32>,
+    state: DefaultHashBuilder,
+}
+
+impl<'a, K: Hash + Eq + Copy> FirstSeen<'a, K> {
+    pub(crate) fn new(keys: &'a [K], capacity: usize) -> Self {
+        Self { keys, table: HashTable::with_capacity(capacity), state: DefaultHashBuilder::default() }
+    }
+
+    /// The first row with the key of `row`, recording `row` if the key is new.
+    #[inline]
+    pub(crate) fn first_row(&mut self, row: u32) -> u32 {
+        let (keys, state) = (self.keys, &self.state);
+        let k = &keys[row as usize];
+        let entry = self.table.entry(state.hash_one(k), |&i| keys[i as usize] == *k, |&i| state.hash_one(keys[i as usize]));
+        *entry.or_insert(row).get()
+    }
 }
 
 pub(crate) fn duplicate(key: &str, side: &str, first: usize, second: usize) -> CoreError {

@@ -8,6 +8,7 @@
 //!
 //! The semantics are specified in `docs/semantics.md` at the repository root.
 
+mod compare;
 pub mod diff;
 pub mod digest;
 pub mod error;

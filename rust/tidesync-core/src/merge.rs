@@ -17,7 +17,7 @@ use arrow_select::take::take;
 use hashbrown::HashMap;
 
 use crate::error::{invalid, CoreError, Result};
-use crate::keys::{check_len, read_keys, unique_index, KeyValues};
+use crate::keys::{check_len, read_keys, FirstSeen, KeyIndex, KeyValues};
 use crate::schema::{require_same_columns, union_nullability};
 
 pub const HLC: &str = "_hlc";
@@ -78,9 +78,11 @@ pub fn merge(local: &RecordBatch, incoming: &RecordBatch, key: &str, mode: Merge
         _ => return Err(invalid("key columns of local and incoming differ in type")),
     };
     let mut out = Output::new(&ctx);
+    // Buffers reused across keys: the versions of one key, and the merged row.
     let mut scratch = Vec::new();
+    let mut acc = Acc { row: (LOCAL, 0), cols: Vec::with_capacity(ctx.data_cols.len()) };
     for g in &groups.groups {
-        ctx.merge_group(g.local, g.first, &groups.next, &mut scratch, &mut out);
+        ctx.merge_group(g.local, g.first, &groups.next, &mut scratch, &mut acc, &mut out);
     }
     out.finish(&ctx)
 }
@@ -94,27 +96,39 @@ struct Groups {
 
 struct Group {
     first: u32,
+    last: u32,
     local: Option<u32>,
 }
 
-fn group<K: Hash + Eq + Copy + std::fmt::Debug>(local: &[K], incoming: &[K], key: &str) -> Result<Groups> {
-    let local_index = unique_index(local, key, "local")?;
+fn group<K: Hash + Eq + Copy>(local: &[K], incoming: &[K], key: &str) -> Result<Groups> {
+    let local_index = KeyIndex::unique(local, key, "local")?;
     let mut next = vec![u32::MAX; incoming.len()];
-    // key -> (group position, last row seen) so duplicates chain in input order.
-    let mut seen: HashMap<K, (u32, u32)> = HashMap::with_capacity(incoming.len());
-    let mut groups = Vec::with_capacity(incoming.len());
-    for (row, k) in incoming.iter().enumerate() {
-        let row = row as u32;
-        match seen.entry(*k) {
-            hashbrown::hash_map::Entry::Occupied(mut e) => {
-                let last = &mut e.get_mut().1;
-                next[*last as usize] = row;
-                *last = row;
+    let mut groups: Vec<Group> = Vec::with_capacity(incoming.len());
+    // One probe of the local index per incoming row; only keys new to the local
+    // side need a second table. Either way we learn the key's group, if it has one.
+    let mut group_of_local = vec![u32::MAX; local.len()];
+    let mut new_keys = FirstSeen::new(incoming, incoming.len().saturating_sub(local.len()));
+    let mut group_of_first = vec![u32::MAX; incoming.len()];
+    for row in 0..incoming.len() as u32 {
+        let local_row = local_index.get(&incoming[row as usize]);
+        let existing = match local_row {
+            Some(l) => group_of_local[l as usize],
+            None => match new_keys.first_row(row) {
+                first if first == row => u32::MAX,
+                first => group_of_first[first as usize],
+            },
+        };
+        if existing == u32::MAX {
+            let g = groups.len() as u32;
+            match local_row {
+                Some(l) => group_of_local[l as usize] = g,
+                None => group_of_first[row as usize] = g,
             }
-            hashbrown::hash_map::Entry::Vacant(e) => {
-                e.insert((groups.len() as u32, row));
-                groups.push(Group { first: row, local: local_index.get(k).copied() });
-            }
+            groups.push(Group { first: row, last: row, local: local_row });
+        } else {
+            let g = &mut groups[existing as usize];
+            next[g.last as usize] = row;
+            g.last = row;
         }
     }
     Ok(Groups { groups, next })
@@ -308,7 +322,15 @@ impl<'a> Ctx<'a> {
         self.base(w) == Some(self.hlc(l)) || self.node(w) == self.node(l)
     }
 
-    fn merge_group(&self, local: Option<u32>, first: u32, next: &[u32], scratch: &mut Vec<V>, out: &mut Output) {
+    fn merge_group(
+        &self,
+        local: Option<u32>,
+        first: u32,
+        next: &[u32],
+        scratch: &mut Vec<V>,
+        acc: &mut Acc,
+        out: &mut Output,
+    ) {
         let single = next[first as usize] == u32::MAX;
         if self.mode == MergeMode::Record && single {
             // The common case, kept free of allocation: one incoming version.
@@ -352,9 +374,11 @@ impl<'a> Ctx<'a> {
                 }
             }
             MergeMode::Field => {
-                let mut acc = Acc { row: scratch[0], cols: vec![scratch[0]; self.data_cols.len()] };
+                acc.row = scratch[0];
+                acc.cols.clear();
+                acc.cols.resize(self.data_cols.len(), scratch[0]);
                 for &b in &scratch[1..] {
-                    self.field_conflict(&acc, b, out);
+                    self.field_conflict(acc, b, out);
                     if self.version_order(b, acc.row) == Ordering::Greater {
                         acc.row = b;
                     }
@@ -468,7 +492,7 @@ impl Output {
         self.inserted.push(inserted);
     }
 
-    fn write_field(&mut self, acc: Acc, inserted: bool) {
+    fn write_field(&mut self, acc: &Acc, inserted: bool) {
         self.rows.push(acc.row);
         self.cols.extend_from_slice(&acc.cols);
         self.inserted.push(inserted);
@@ -525,28 +549,41 @@ fn column_part(ctx: &Ctx, c: usize) -> Option<usize> {
     ctx.data_cols.iter().position(|&x| x == c).or_else(|| ctx.stamp_idx.iter().position(|&x| x == c))
 }
 
-/// Build every output column from per-row sources: `take` when all rows of a column
-/// come from the incoming side (the usual case), `interleave` otherwise.
+/// Build every output column from per-row sources. Columns of one part (the
+/// row-level columns, or a data column with its stamp) share their sources, so each
+/// part's index is built once: `take` when all its rows come from the incoming side
+/// (the usual case), `interleave` otherwise.
 fn assemble(
     ctx: &Ctx,
     rows: &[V],
     part_of: impl Fn(usize) -> Option<usize>,
     source: impl Fn(Option<usize>, usize) -> V,
 ) -> Result<Vec<ArrayRef>> {
+    enum Index {
+        Take(UInt32Array),
+        Interleave(Vec<(usize, usize)>),
+    }
+    let index_for = |part: Option<usize>| {
+        let all_incoming = (0..rows.len()).all(|r| source(part, r).0 == INCOMING);
+        if all_incoming {
+            Index::Take(UInt32Array::from_iter_values((0..rows.len()).map(|r| source(part, r).1)))
+        } else {
+            Index::Interleave((0..rows.len()).map(|r| source(part, r)).map(|v| (v.0, v.1 as usize)).collect())
+        }
+    };
     let ncols = ctx.batches[INCOMING].num_columns();
+    let mut indexes: HashMap<Option<usize>, Index> = HashMap::new();
     let mut out = Vec::with_capacity(ncols);
     for c in 0..ncols {
         let part = part_of(c);
-        let sources: Vec<V> = (0..rows.len()).map(|r| source(part, r)).collect();
-        let col = if sources.iter().all(|v| v.0 == INCOMING) {
-            let idx = UInt32Array::from_iter_values(sources.iter().map(|v| v.1));
-            take(ctx.batches[INCOMING].column(c), &idx, None)?
-        } else {
-            let arrays = [ctx.batches[LOCAL].column(c).as_ref(), ctx.batches[INCOMING].column(c).as_ref()];
-            let idx: Vec<(usize, usize)> = sources.iter().map(|v| (v.0, v.1 as usize)).collect();
-            interleave(&arrays, &idx)?
-        };
-        out.push(col);
+        let index = indexes.entry(part).or_insert_with(|| index_for(part));
+        out.push(match index {
+            Index::Take(idx) => take(ctx.batches[INCOMING].column(c), idx, None)?,
+            Index::Interleave(idx) => {
+                let arrays = [ctx.batches[LOCAL].column(c).as_ref(), ctx.batches[INCOMING].column(c).as_ref()];
+                interleave(&arrays, idx)?
+            }
+        });
     }
     Ok(out)
 }
