@@ -4,7 +4,7 @@ PIP ?= $(PYTHON) -m pip
 HYPOTHESIS_PROFILE ?= dev
 export HYPOTHESIS_PROFILE
 
-.PHONY: install install-test build-dev test test-rust test-python test-slow bench lint demo clean
+.PHONY: install install-test build-dev test test-rust test-python typecheck test-slow bench lint demo clean
 
 install:            ## build the native module (release) and install tidesync with its CLI
 	$(PIP) install "maturin>=1.9,<2"
@@ -17,7 +17,7 @@ install-test:       ## install + test and benchmark dependencies
 build-dev:          ## rebuild the native module after changing Rust
 	$(PIP) install --no-build-isolation --no-deps -e .
 
-test: test-rust test-python  ## every test: Rust core, then Python (unit, property, benchmark smoke)
+test: test-rust test-python typecheck  ## every test: Rust core, Python (unit, property, benchmark smoke), types
 
 test-rust:
 	cargo test --release --locked -p tidesync-core
@@ -26,6 +26,10 @@ test-python:
 	$(PYTHON) -m pytest -q
 	$(PYTHON) -m pytest -q benches --benchmark-disable
 
+typecheck:          ## mypy --strict on the package, and the stub checked against the native module
+	$(PYTHON) -m mypy
+	$(PYTHON) -m mypy.stubtest tidesync._core
+
 test-slow:          ## long randomized runs
 	HYPOTHESIS_PROFILE=soak $(PYTHON) -m pytest -q tests/property
 
@@ -33,10 +37,8 @@ bench:              ## all benchmarks: criterion for the core, then `tidesync be
 	cargo bench --locked -p tidesync-core
 	tidesync bench
 
-lint:
+lint: typecheck
 	cargo clippy --locked --all-targets -- -D warnings
-	$(PYTHON) -m mypy
-	$(PYTHON) -m mypy.stubtest tidesync._core
 
 demo:
 	tidesync demo

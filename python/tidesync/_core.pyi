@@ -5,7 +5,27 @@ Arrow arguments accept any object with ``__arrow_c_array__`` or
 protocols (wrap them with ``pyarrow.table`` / ``pyarrow.array``).
 """
 
-from typing import Any
+from typing import Any, final
+
+__all__ = [
+    "__version__",
+    "ClockSkewError",
+    "DuplicateKeyError",
+    "HybridClock",
+    "InvalidInputError",
+    "SchemaMismatchError",
+    "SyncError",
+    "UnsupportedTypeError",
+    "clamp_hlcs",
+    "diff",
+    "digest",
+    "hlc_pack",
+    "hlc_unpack",
+    "logical_order",
+    "max_hlc",
+    "merge",
+    "row_hashes",
+]
 
 __version__: str
 
@@ -16,8 +36,9 @@ class DuplicateKeyError(SyncError): ...
 class UnsupportedTypeError(SyncError): ...
 class ClockSkewError(SyncError): ...
 
+@final
 class HybridClock:
-    def __init__(self, max_drift_ms: int, last: int = 0) -> None: ...
+    def __new__(cls, max_drift_ms: int, last: int = 0) -> HybridClock: ...
     @property
     def last(self) -> int: ...
     @property
