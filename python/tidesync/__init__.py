@@ -19,9 +19,11 @@ from tidesync.core import (
     hlc_unpack,
     logical_order,
     max_hlc,
+    max_threads,
     merge,
     now_ms,
     row_hashes,
+    set_max_threads,
 )
 from tidesync.errors import (
     AuthError,
@@ -57,7 +59,9 @@ __all__ = [
     "hlc_unpack",
     "logical_order",
     "max_hlc",
+    "max_threads",
     "merge",
     "now_ms",
     "row_hashes",
+    "set_max_threads",
 ]

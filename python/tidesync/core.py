@@ -153,6 +153,22 @@ def differing_buckets(a: pa.Table, b: pa.Table) -> list[int]:
     return [int(i) for i in a.column("bucket").filter(differ).to_pylist()]
 
 
+def set_max_threads(n: int) -> None:
+    """Cap the threads a core call may use; 0 (the default) means one per core.
+
+    Large merges and digests spread over cores; a facility server shared with the
+    hospital's applications may want to leave some free.
+    """
+    if n < 0:
+        raise _core.InvalidInputError(f"max threads must be 0 (one per core) or more, got {n}")
+    _core.set_max_threads(n)
+
+
+def max_threads() -> int:
+    """The current cap on core threads (0 = one per core)."""
+    return _core.max_threads()
+
+
 def _as_array(values: Any) -> Any:
     """Accept pyarrow ChunkedArrays (and polars Series) where the core wants one array."""
     if isinstance(values, pa.ChunkedArray):

@@ -133,3 +133,22 @@ def test_logical_order_sorts_by_stamp_then_node() -> None:
     assert order.to_pylist() == [1, 3, 2, 0]
     assert tidesync.max_hlc(changes.column("_hlc")) == 3
     assert tidesync.max_hlc(pa.array([], pa.int64())) is None
+
+
+def test_thread_cap_changes_speed_not_results() -> None:
+    local = patients(200_000)
+    incoming = patients(200_000, node="b", hlc=20).slice(50_000)
+    previous = tidesync.max_threads()
+    try:
+        tidesync.set_max_threads(1)
+        one = tidesync.merge(local, incoming, "id")
+        one_digest = tidesync.digest(incoming, "id", 64)
+        tidesync.set_max_threads(2)
+        assert tidesync.max_threads() == 2
+        two = tidesync.merge(local, incoming, "id")
+        assert one.rows.equals(two.rows) and one.inserted.equals(two.inserted)
+        assert tidesync.digest(incoming, "id", 64).equals(one_digest)
+        with pytest.raises(errors.InvalidInputError):
+            tidesync.set_max_threads(-1)
+    finally:
+        tidesync.set_max_threads(previous)

@@ -12,21 +12,44 @@ use std::sync::Arc;
 
 use arrow_array::cast::AsArray;
 use arrow_array::types::*;
-use arrow_array::{Array, RecordBatch, UInt32Array, UInt64Array};
+use arrow_array::{Array, ArrayRef, RecordBatch, UInt32Array, UInt64Array};
 use arrow_schema::{DataType, Field, Schema, TimeUnit};
 use xxhash_rust::xxh3::xxh3_64;
 
 use crate::error::{invalid, CoreError, Result};
 use crate::keys::{check_len, column_index};
+use crate::parallel::{par_ranges, split_by};
+
+/// Rows hashed per slice: big enough to amortize slicing, small enough to stay in cache.
+const SLICE_ROWS: usize = 64 * 1024;
+/// Each thread gets at least this many rows (below that, one thread is faster).
+const PARALLEL_MIN_ROWS: usize = 64 * 1024;
 
 /// Per-bucket `{bucket, rows, hash}` for every bucket, empty ones included.
 pub fn digest(batch: &RecordBatch, key: &str, buckets: u32, columns: &[&str]) -> Result<RecordBatch> {
-    let (bucket_of, hash) = hash_rows(batch, key, buckets, columns)?;
+    let input = Input::new(batch, key, buckets, columns)?;
+    // Each thread sums its rows into its own buckets; the sums are added after.
+    let partials = par_ranges(batch.num_rows(), PARALLEL_MIN_ROWS, |start, len| {
+        let mut rows = vec![0u64; buckets as usize];
+        let mut sums = vec![0u64; buckets as usize];
+        let (mut bucket_of, mut hash) = (Vec::new(), Vec::new());
+        for (s, l) in split_by(start, len, SLICE_ROWS) {
+            input.hash_slice(s, l, &mut bucket_of, &mut hash)?;
+            for (b, h) in bucket_of.iter().zip(&hash) {
+                rows[*b as usize] += 1;
+                sums[*b as usize] = sums[*b as usize].wrapping_add(*h);
+            }
+        }
+        Ok::<_, CoreError>((rows, sums))
+    });
     let mut rows = vec![0u64; buckets as usize];
     let mut sums = vec![0u64; buckets as usize];
-    for (b, h) in bucket_of.iter().zip(&hash) {
-        rows[*b as usize] += 1;
-        sums[*b as usize] = sums[*b as usize].wrapping_add(*h);
+    for partial in partials {
+        let (r, h) = partial?;
+        for b in 0..buckets as usize {
+            rows[b] += r[b];
+            sums[b] = sums[b].wrapping_add(h[b]);
+        }
     }
     let schema = Schema::new(vec![
         Field::new("bucket", DataType::UInt32, false),
@@ -45,42 +68,63 @@ pub fn digest(batch: &RecordBatch, key: &str, buckets: u32, columns: &[&str]) ->
 
 /// Per-row `{key, bucket, hash}`, to narrow a differing bucket down to rows.
 pub fn row_hashes(batch: &RecordBatch, key: &str, buckets: u32, columns: &[&str]) -> Result<RecordBatch> {
-    let (bucket_of, hash) = hash_rows(batch, key, buckets, columns)?;
-    let key_idx = column_index(batch, key, "key")?;
+    let input = Input::new(batch, key, buckets, columns)?;
+    let (mut bucket_of, mut hash) = (Vec::new(), Vec::new());
+    input.hash_slice(0, batch.num_rows(), &mut bucket_of, &mut hash)?;
     let schema = Schema::new(vec![
-        batch.schema().field(key_idx).clone(),
+        batch.schema().field(input.key_idx).clone(),
         Field::new("bucket", DataType::UInt32, false),
         Field::new("hash", DataType::UInt64, false),
     ]);
     Ok(RecordBatch::try_new(
         Arc::new(schema),
-        vec![batch.column(key_idx).clone(), Arc::new(UInt32Array::from(bucket_of)), Arc::new(UInt64Array::from(hash))],
+        vec![batch.column(input.key_idx).clone(), Arc::new(UInt32Array::from(bucket_of)), Arc::new(UInt64Array::from(hash))],
     )?)
 }
 
-/// Bucket and hash of every row.
-fn hash_rows(batch: &RecordBatch, key: &str, buckets: u32, columns: &[&str]) -> Result<(Vec<u32>, Vec<u64>)> {
-    if buckets == 0 || !buckets.is_power_of_two() {
-        return Err(invalid(format!("buckets must be a power of two (1, 2, 4, ... 2^31), got {buckets}")));
+/// The validated columns a digest reads.
+struct Input<'a> {
+    key_idx: usize,
+    key: &'a str,
+    key_col: &'a ArrayRef,
+    columns: Vec<(&'a str, &'a ArrayRef)>,
+    bits: u32,
+}
+
+impl<'a> Input<'a> {
+    fn new(batch: &'a RecordBatch, key: &'a str, buckets: u32, columns: &[&'a str]) -> Result<Self> {
+        if buckets == 0 || !buckets.is_power_of_two() {
+            return Err(invalid(format!("buckets must be a power of two (1, 2, 4, ... 2^31), got {buckets}")));
+        }
+        check_len(batch.num_rows())?;
+        let key_idx = column_index(batch, key, "key")?;
+        let key_col = batch.column(key_idx);
+        if key_col.null_count() > 0 {
+            return Err(invalid(format!("key column {key:?} has null values; every row needs a key")));
+        }
+        let columns = columns
+            .iter()
+            .map(|name| Ok((*name, batch.column(column_index(batch, name, "digest")?))))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self { key_idx, key, key_col, columns, bits: buckets.trailing_zeros() })
     }
-    check_len(batch.num_rows())?;
-    let key_col = batch.column(column_index(batch, key, "key")?);
-    if key_col.null_count() > 0 {
-        return Err(invalid(format!("key column {key:?} has null values; every row needs a key")));
+
+    /// Bucket and hash of rows `start..start + len`, into reused buffers.
+    fn hash_slice(&self, start: usize, len: usize, bucket_of: &mut Vec<u32>, hash: &mut Vec<u64>) -> Result<()> {
+        hash.clear();
+        hash.resize(len, 0);
+        fold_column(hash, self.key_col.slice(start, len).as_ref(), self.key, true)?;
+        let bits = self.bits;
+        bucket_of.clear();
+        bucket_of.extend(hash.iter().map(|h| if bits == 0 { 0 } else { (h >> (64 - bits)) as u32 }));
+        for (name, col) in &self.columns {
+            fold_column(hash, col.slice(start, len).as_ref(), name, false)?;
+        }
+        for h in hash.iter_mut() {
+            *h = avalanche(*h);
+        }
+        Ok(())
     }
-    let bits = buckets.trailing_zeros();
-    let mut hash = vec![0u64; batch.num_rows()];
-    fold_column(&mut hash, key_col.as_ref(), key, true)?;
-    let bucket_of: Vec<u32> =
-        hash.iter().map(|h| if bits == 0 { 0 } else { (h >> (64 - bits)) as u32 }).collect();
-    for name in columns {
-        let col = batch.column(column_index(batch, name, "digest")?);
-        fold_column(&mut hash, col.as_ref(), name, false)?;
-    }
-    for h in &mut hash {
-        *h = avalanche(*h);
-    }
-    Ok((bucket_of, hash))
 }
 
 /// A marker folded in for null values, so null differs from every value.
@@ -181,7 +225,7 @@ fn scalar(v: i64, seed: bool) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use arrow_array::{ArrayRef, Int64Array, StringArray};
+    use arrow_array::{Int64Array, StringArray};
 
     fn batch(keys: Vec<&str>, hlc: Vec<i64>) -> RecordBatch {
         RecordBatch::try_from_iter(vec![
@@ -199,5 +243,26 @@ mod tests {
         assert_eq!(a, b);
         assert_ne!(a, c);
         assert!(digest(&batch(vec![], vec![]), "id", 3, &[]).is_err());
+    }
+
+    #[test]
+    fn parallel_digest_agrees_with_row_hashes() {
+        let n = 300_000; // above PARALLEL_MIN_ROWS, several slices per thread
+        let keys: Vec<String> = (0..n).map(|i| format!("key-{i}")).collect();
+        let b = batch(keys.iter().map(String::as_str).collect(), (0..n as i64).collect());
+        let d = digest(&b, "id", 64, &["_hlc"]).unwrap();
+        let r = row_hashes(&b, "id", 64, &["_hlc"]).unwrap();
+        let buckets = r.column(1).as_any().downcast_ref::<UInt32Array>().unwrap();
+        let hashes = r.column(2).as_any().downcast_ref::<UInt64Array>().unwrap();
+        let mut sums = vec![0u64; 64];
+        let mut rows = vec![0u64; 64];
+        for i in 0..n {
+            sums[buckets.value(i) as usize] = sums[buckets.value(i) as usize].wrapping_add(hashes.value(i));
+            rows[buckets.value(i) as usize] += 1;
+        }
+        let d_rows = d.column(1).as_any().downcast_ref::<UInt64Array>().unwrap();
+        let d_sums = d.column(2).as_any().downcast_ref::<UInt64Array>().unwrap();
+        assert_eq!(d_rows.values().to_vec(), rows);
+        assert_eq!(d_sums.values().to_vec(), sums);
     }
 }

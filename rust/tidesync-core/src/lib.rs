@@ -4,7 +4,8 @@
 //! - [`diff`]: changeset diff of two Arrow batches by key;
 //! - [`merge`]: whole-record and field-wise merge with a conflict batch;
 //! - [`digest`]: range digests for verification without re-syncing;
-//! - [`order`]: logical-clock ordering of a batch of changes.
+//! - [`order`]: logical-clock ordering of a batch of changes;
+//! - [`parallel`]: scoped-thread helpers and the global thread cap.
 //!
 //! The semantics are specified in `docs/semantics.md` at the repository root.
 
@@ -16,6 +17,7 @@ pub mod hlc;
 mod keys;
 pub mod merge;
 pub mod order;
+pub mod parallel;
 mod schema;
 
 pub use diff::{diff, Diff};
@@ -24,3 +26,4 @@ pub use error::{CoreError, Result};
 pub use hlc::HybridClock;
 pub use merge::{merge, MergeMode, MergeOutput};
 pub use order::logical_order;
+pub use parallel::{max_threads, set_max_threads};

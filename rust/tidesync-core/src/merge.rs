@@ -14,10 +14,10 @@ use arrow_ord::ord::{make_comparator, DynComparator};
 use arrow_schema::{DataType, Field, Schema, SortOptions};
 use arrow_select::interleave::interleave;
 use arrow_select::take::take;
-use hashbrown::HashMap;
 
 use crate::error::{invalid, CoreError, Result};
-use crate::keys::{check_len, read_keys, FirstSeen, KeyIndex, KeyValues};
+use crate::keys::{read_keys, FirstSeen, KeyIndex, KeyValues};
+use crate::parallel::{par_map, par_ranges};
 use crate::schema::{require_same_columns, union_nullability};
 
 pub const HLC: &str = "_hlc";
@@ -61,15 +61,45 @@ pub struct MergeOutput {
     pub conflicts: RecordBatch,
 }
 
-/// A version: (side, row) with side 0 = local, 1 = incoming.
-type V = (usize, u32);
 const LOCAL: usize = 0;
 const INCOMING: usize = 1;
+
+/// Each thread gets at least this many keys (below that, one thread is faster).
+const PARALLEL_MIN_KEYS: usize = 64 * 1024;
+
+/// A version: a row of the local (side 0) or incoming (side 1) batch, packed in
+/// 32 bits because field mode keeps one per output cell.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct V(u32);
+
+impl V {
+    const SIDE_BIT: u32 = 1 << 31;
+
+    fn local(row: u32) -> Self {
+        Self(row)
+    }
+
+    fn incoming(row: u32) -> Self {
+        Self(row | Self::SIDE_BIT)
+    }
+
+    #[inline]
+    fn side(self) -> usize {
+        (self.0 >> 31) as usize
+    }
+
+    #[inline]
+    fn row(self) -> usize {
+        (self.0 & !Self::SIDE_BIT) as usize
+    }
+}
 
 /// Merge `incoming` into `local` (see docs/semantics.md).
 pub fn merge(local: &RecordBatch, incoming: &RecordBatch, key: &str, mode: MergeMode) -> Result<MergeOutput> {
     require_same_columns(local, incoming, "local", "incoming")?;
-    check_len(local.num_rows().max(incoming.num_rows()))?;
+    if local.num_rows().max(incoming.num_rows()) >= V::SIDE_BIT as usize {
+        return Err(invalid("merge takes batches below 2^31 rows; split the incoming changes into pages"));
+    }
     let ctx = Ctx::new(local, incoming, key, mode)?;
     let groups = match (read_keys(local, key, "local")?, read_keys(incoming, key, "incoming")?) {
         (KeyValues::Bytes(l), KeyValues::Bytes(i)) => group(&l, &i, key)?,
@@ -77,14 +107,19 @@ pub fn merge(local: &RecordBatch, incoming: &RecordBatch, key: &str, mode: Merge
         (KeyValues::Uuid(l), KeyValues::Uuid(i)) => group(&l, &i, key)?,
         _ => return Err(invalid("key columns of local and incoming differ in type")),
     };
-    let mut out = Output::new(&ctx);
-    // Buffers reused across keys: the versions of one key, and the merged row.
-    let mut scratch = Vec::new();
-    let mut acc = Acc { row: (LOCAL, 0), cols: Vec::with_capacity(ctx.data_cols.len()) };
-    for g in &groups.groups {
-        ctx.merge_group(g.local, g.first, &groups.next, &mut scratch, &mut acc, &mut out);
-    }
-    out.finish(&ctx)
+    // Keys are independent: decide contiguous ranges of groups on separate threads,
+    // then join the outputs in group order (= order of first appearance).
+    let parts = par_ranges(groups.groups.len(), PARALLEL_MIN_KEYS, |start, len| {
+        let mut out = Output::new(&ctx, len);
+        // Buffers reused across keys: the versions of one key, and the merged row.
+        let mut scratch = Vec::new();
+        let mut acc = Acc { row: V::local(0), cols: Vec::with_capacity(ctx.data_cols.len()) };
+        for g in &groups.groups[start..start + len] {
+            ctx.merge_group(g.local, g.first, &groups.next, &mut scratch, &mut acc, &mut out);
+        }
+        out
+    });
+    Output::concat(&ctx, parts).finish(&ctx)
 }
 
 /// Incoming rows grouped by key, in order of first appearance, each with its local row.
@@ -100,7 +135,7 @@ struct Group {
     local: Option<u32>,
 }
 
-fn group<K: Hash + Eq + Copy>(local: &[K], incoming: &[K], key: &str) -> Result<Groups> {
+fn group<K: Hash + Eq + Copy + Sync>(local: &[K], incoming: &[K], key: &str) -> Result<Groups> {
     let local_index = KeyIndex::unique(local, key, "local")?;
     let mut next = vec![u32::MAX; incoming.len()];
     let mut groups: Vec<Group> = Vec::with_capacity(incoming.len());
@@ -109,8 +144,10 @@ fn group<K: Hash + Eq + Copy>(local: &[K], incoming: &[K], key: &str) -> Result<
     let mut group_of_local = vec![u32::MAX; local.len()];
     let mut new_keys = FirstSeen::new(incoming, incoming.len().saturating_sub(local.len()));
     let mut group_of_first = vec![u32::MAX; incoming.len()];
+    // The probes only read the index: run them in parallel, assign groups after.
+    let probes: Vec<Option<u32>> = par_map(incoming.len(), PARALLEL_MIN_KEYS, |row| local_index.get(&incoming[row]));
     for row in 0..incoming.len() as u32 {
-        let local_row = local_index.get(&incoming[row as usize]);
+        let local_row = probes[row as usize];
         let existing = match local_row {
             Some(l) => group_of_local[l as usize],
             None => match new_keys.first_row(row) {
@@ -142,11 +179,11 @@ enum NodeCol<'a> {
 }
 
 impl NodeCol<'_> {
-    fn get(&self, row: u32) -> &str {
+    fn get(&self, row: usize) -> &str {
         match self {
-            Self::Utf8(a) => a.value(row as usize),
-            Self::Large(a) => a.value(row as usize),
-            Self::View(a) => a.value(row as usize),
+            Self::Utf8(a) => a.value(row),
+            Self::Large(a) => a.value(row),
+            Self::View(a) => a.value(row),
         }
     }
 }
@@ -262,27 +299,27 @@ impl<'a> Ctx<'a> {
     }
 
     fn hlc(&self, v: V) -> i64 {
-        self.hlc[v.0][v.1 as usize]
+        self.hlc[v.side()][v.row()]
     }
 
     fn node(&self, v: V) -> &str {
-        self.node[v.0].get(v.1)
+        self.node[v.side()].get(v.row())
     }
 
     /// `_base_hlc`, None when null.
     fn base(&self, v: V) -> Option<i64> {
-        let a = self.base[v.0];
-        a.is_valid(v.1 as usize).then(|| a.value(v.1 as usize))
+        let a = self.base[v.side()];
+        a.is_valid(v.row()).then(|| a.value(v.row()))
     }
 
     /// The stamp of data column number `d`, None when null.
     fn stamp(&self, v: V, d: usize) -> Option<i64> {
-        let a = self.stamps[d][v.0];
-        a.is_valid(v.1 as usize).then(|| a.value(v.1 as usize))
+        let a = self.stamps[d][v.side()];
+        a.is_valid(v.row()).then(|| a.value(v.row()))
     }
 
     fn cmp_col(&self, c: usize, a: V, b: V) -> Ordering {
-        (self.cmp[c][a.0 * 2 + b.0])(a.1 as usize, b.1 as usize)
+        (self.cmp[c][a.side() * 2 + b.side()])(a.row(), b.row())
     }
 
     /// Order by (hlc, node) only.
@@ -331,36 +368,20 @@ impl<'a> Ctx<'a> {
         acc: &mut Acc,
         out: &mut Output,
     ) {
-        let single = next[first as usize] == u32::MAX;
-        if self.mode == MergeMode::Record && single {
-            // The common case, kept free of allocation: one incoming version.
-            let inc = (INCOMING, first);
-            match local {
-                None => out.write_record(inc, true),
-                Some(l) => {
-                    let loc = (LOCAL, l);
-                    match self.full_order(inc, loc) {
-                        Ordering::Greater => {
-                            self.record_conflict(loc, inc, out);
-                            out.write_record(inc, false);
-                        }
-                        Ordering::Less => self.record_conflict(inc, loc, out),
-                        Ordering::Equal => {}
-                    }
-                }
-            }
-            return;
+        if next[first as usize] == u32::MAX {
+            // The common case, kept free of sorting and allocation: one incoming version.
+            return self.merge_single(local.map(V::local), V::incoming(first), acc, out);
         }
         scratch.clear();
-        scratch.extend(local.map(|l| (LOCAL, l)));
+        scratch.extend(local.map(V::local));
         let mut row = first;
         while row != u32::MAX {
-            scratch.push((INCOMING, row));
+            scratch.push(V::incoming(row));
             row = next[row as usize];
         }
         // Local first, then a stable sort: among equal versions the local one stays first.
         scratch.sort_by(|a, b| self.full_order(*a, *b));
-        let loc = local.map(|l| (LOCAL, l));
+        let loc = local.map(V::local);
         match self.mode {
             MergeMode::Record => {
                 for pair in scratch.windows(2) {
@@ -405,6 +426,55 @@ impl<'a> Ctx<'a> {
                             out.write_field(acc, false);
                         }
                     }
+                }
+            }
+        }
+    }
+
+    /// Merge one incoming version with the local row, if any. Same result as the
+    /// general fold over the two versions, without sorting them.
+    fn merge_single(&self, loc: Option<V>, inc: V, acc: &mut Acc, out: &mut Output) {
+        let Some(loc) = loc else {
+            match self.mode {
+                MergeMode::Record => out.write_record(inc, true),
+                MergeMode::Field => {
+                    acc.row = inc;
+                    acc.cols.clear();
+                    acc.cols.resize(self.data_cols.len(), inc);
+                    out.write_field(acc, true);
+                }
+            }
+            return;
+        };
+        match self.mode {
+            MergeMode::Record => match self.full_order(inc, loc) {
+                Ordering::Greater => {
+                    self.record_conflict(loc, inc, out);
+                    out.write_record(inc, false);
+                }
+                Ordering::Less => self.record_conflict(inc, loc, out),
+                Ordering::Equal => {}
+            },
+            MergeMode::Field => {
+                // Start from the local row; take each part the incoming version wins
+                // strictly (ties keep the local part, so "unchanged" is "all local").
+                acc.row = loc;
+                acc.cols.clear();
+                acc.cols.resize(self.data_cols.len(), loc);
+                self.field_conflict(acc, inc, out);
+                let mut changed = false;
+                if self.version_order(inc, loc) == Ordering::Greater {
+                    acc.row = inc;
+                    changed = true;
+                }
+                for d in 0..acc.cols.len() {
+                    if self.column_order(d, inc, loc) == Ordering::Greater {
+                        acc.cols[d] = inc;
+                        changed = true;
+                    }
+                }
+                if changed {
+                    out.write_field(acc, false);
                 }
             }
         }
@@ -477,14 +547,26 @@ struct Output {
 }
 
 impl Output {
-    fn new(ctx: &Ctx) -> Self {
-        let n = ctx.batches[INCOMING].num_rows();
+    fn new(ctx: &Ctx, n: usize) -> Self {
         Self {
             rows: Vec::with_capacity(n),
             cols: Vec::with_capacity(if ctx.mode == MergeMode::Field { n * ctx.data_cols.len() } else { 0 }),
             inserted: Vec::with_capacity(n),
             conflicts: Vec::new(),
         }
+    }
+
+    /// Join per-thread outputs, in order.
+    fn concat(ctx: &Ctx, parts: Vec<Output>) -> Output {
+        let mut parts = parts.into_iter();
+        let mut out = parts.next().unwrap_or_else(|| Output::new(ctx, 0));
+        for p in parts {
+            out.rows.extend(p.rows);
+            out.cols.extend(p.cols);
+            out.inserted.extend(p.inserted);
+            out.conflicts.extend(p.conflicts);
+        }
+        out
     }
 
     fn write_record(&mut self, v: V, inserted: bool) {
@@ -557,33 +639,37 @@ fn assemble(
     ctx: &Ctx,
     rows: &[V],
     part_of: impl Fn(usize) -> Option<usize>,
-    source: impl Fn(Option<usize>, usize) -> V,
+    source: impl Fn(Option<usize>, usize) -> V + Sync,
 ) -> Result<Vec<ArrayRef>> {
     enum Index {
         Take(UInt32Array),
         Interleave(Vec<(usize, usize)>),
     }
     let index_for = |part: Option<usize>| {
-        let all_incoming = (0..rows.len()).all(|r| source(part, r).0 == INCOMING);
+        let all_incoming = (0..rows.len()).all(|r| source(part, r).side() == INCOMING);
         if all_incoming {
-            Index::Take(UInt32Array::from_iter_values((0..rows.len()).map(|r| source(part, r).1)))
+            Index::Take(UInt32Array::from_iter_values((0..rows.len()).map(|r| source(part, r).row() as u32)))
         } else {
-            Index::Interleave((0..rows.len()).map(|r| source(part, r)).map(|v| (v.0, v.1 as usize)).collect())
+            Index::Interleave((0..rows.len()).map(|r| source(part, r)).map(|v| (v.side(), v.row())).collect())
         }
     };
     let ncols = ctx.batches[INCOMING].num_columns();
-    let mut indexes: HashMap<Option<usize>, Index> = HashMap::new();
-    let mut out = Vec::with_capacity(ncols);
-    for c in 0..ncols {
-        let part = part_of(c);
-        let index = indexes.entry(part).or_insert_with(|| index_for(part));
-        out.push(match index {
+    let column_parts: Vec<Option<usize>> = (0..ncols).map(&part_of).collect();
+    let mut distinct: Vec<Option<usize>> = column_parts.clone();
+    distinct.sort_unstable();
+    distinct.dedup();
+    // Parts, then columns, are independent: on large outputs, spread them over threads.
+    let per_thread = if rows.len() >= PARALLEL_MIN_KEYS { 1 } else { usize::MAX };
+    let indexes: Vec<Index> = par_map(distinct.len(), per_thread, |p| index_for(distinct[p]));
+    let index_of = |c: usize| &indexes[distinct.binary_search(&column_parts[c]).expect("part listed")];
+    let out: Vec<Result<ArrayRef>> = par_map(ncols, per_thread, |c| {
+        Ok(match index_of(c) {
             Index::Take(idx) => take(ctx.batches[INCOMING].column(c), idx, None)?,
             Index::Interleave(idx) => {
                 let arrays = [ctx.batches[LOCAL].column(c).as_ref(), ctx.batches[INCOMING].column(c).as_ref()];
                 interleave(&arrays, idx)?
             }
-        });
-    }
-    Ok(out)
+        })
+    });
+    out.into_iter().collect()
 }

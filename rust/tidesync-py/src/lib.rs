@@ -138,6 +138,17 @@ fn row_hashes(
     table_out(py, out)
 }
 
+/// Cap the threads a core call may use (0 = one per core).
+#[pyfunction]
+fn set_max_threads(n: usize) {
+    tidesync_core::set_max_threads(n)
+}
+
+#[pyfunction]
+fn max_threads() -> usize {
+    tidesync_core::max_threads()
+}
+
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
@@ -152,5 +163,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(merge, m)?)?;
     m.add_function(wrap_pyfunction!(digest, m)?)?;
     m.add_function(wrap_pyfunction!(row_hashes, m)?)?;
+    m.add_function(wrap_pyfunction!(set_max_threads, m)?)?;
+    m.add_function(wrap_pyfunction!(max_threads, m)?)?;
     Ok(())
 }

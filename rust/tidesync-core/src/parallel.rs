@@ -1,0 +1,75 @@
+//! Splitting work over the machine's cores with scoped threads.
+//!
+//! The core runs with the GIL released, so its threads do not hold up Python. The
+//! number of threads is capped by `set_max_threads` (0 = one per core): a facility
+//! server shared with the hospital's own applications may want to keep cores free,
+//! and tests use 1 to compare the parallel paths with the sequential ones.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+static MAX_THREADS: AtomicUsize = AtomicUsize::new(0);
+
+/// Cap the threads a core call may use; 0 means one per available core.
+pub fn set_max_threads(n: usize) {
+    MAX_THREADS.store(n, Ordering::Relaxed);
+}
+
+/// The current cap (0 = one per available core).
+pub fn max_threads() -> usize {
+    MAX_THREADS.load(Ordering::Relaxed)
+}
+
+/// Threads worth using for `items` units of work when each thread should get at
+/// least `min_per_thread` of them (below that, starting threads costs more).
+pub(crate) fn threads_for(items: usize, min_per_thread: usize) -> usize {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let cap = match max_threads() {
+        0 => cores,
+        n => n,
+    };
+    cap.min(items / min_per_thread.max(1)).max(1)
+}
+
+/// `(start, len)` ranges splitting `0..items` into `parts` nearly equal pieces.
+pub(crate) fn split(items: usize, parts: usize) -> Vec<(usize, usize)> {
+    let size = items.div_ceil(parts.max(1)).max(1);
+    split_by(0, items, size).collect()
+}
+
+/// `(start, len)` ranges of at most `size` covering `start..start + len`.
+pub(crate) fn split_by(start: usize, len: usize, size: usize) -> impl Iterator<Item = (usize, usize)> {
+    (start..start + len).step_by(size.max(1)).map(move |s| (s, size.min(start + len - s)))
+}
+
+/// Run `work(start, len)` over contiguous ranges of `0..items`, in parallel when
+/// worthwhile; the results come back in range order.
+pub(crate) fn par_ranges<T, F>(items: usize, min_per_thread: usize, work: F) -> Vec<T>
+where
+    T: Send,
+    F: Fn(usize, usize) -> T + Sync,
+{
+    let threads = threads_for(items, min_per_thread);
+    if threads == 1 {
+        return vec![work(0, items)];
+    }
+    std::thread::scope(|scope| {
+        let work = &work;
+        let handles: Vec<_> =
+            split(items, threads).into_iter().map(|(s, l)| scope.spawn(move || work(s, l))).collect();
+        handles.into_iter().map(|h| h.join().expect("tidesync worker thread panicked")).collect()
+    })
+}
+
+/// `(0..items).map(f)`, in parallel when worthwhile, results in order.
+pub(crate) fn par_map<T, F>(items: usize, min_per_thread: usize, f: F) -> Vec<T>
+where
+    T: Send,
+    F: Fn(usize) -> T + Sync,
+{
+    let chunks = par_ranges(items, min_per_thread, |s, l| (s..s + l).map(&f).collect::<Vec<T>>());
+    let mut out = Vec::with_capacity(items);
+    for chunk in chunks {
+        out.extend(chunk);
+    }
+    out
+}
