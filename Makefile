@@ -38,6 +38,7 @@ bench:              ## all benchmarks: criterion for the core, then `tidesync be
 	tidesync bench
 
 lint: typecheck
+	cargo fmt --all --check
 	cargo clippy --locked --all-targets -- -D warnings
 
 demo:

@@ -106,8 +106,13 @@ def capture(node: Node) -> pa.Table:
 
 
 def apply(node: Node, incoming: pa.Table) -> tidesync.MergeResult:
-    """Merge incoming versions into a node's copy and upsert what changed."""
-    result = tidesync.merge(node.table, incoming, "id", mode="field")
+    """Merge incoming versions into a node's copy and upsert what changed.
+
+    Like the database apply will: read the local versions of the incoming keys only,
+    merge, then write the rows the merge returns.
+    """
+    touched = node.table.filter(pc.is_in(node.table.column("id"), incoming.column("id")))
+    result = tidesync.merge(touched, incoming, "id", mode="field")
     if result.rows.num_rows:
         written = pc.is_in(node.table.column("id"), result.rows.column("id"))
         kept = node.table.filter(pc.invert(written))
@@ -158,7 +163,7 @@ def run_demo(patients: int = 20_000, facilities: int = 2, json_output: bool = Fa
                                     lambda c=clinic: capture(c))
     conflicts = 0
     for clinic in (a, b):
-        res = timed(f"central merges {clinic.name}", pushes[clinic.name].num_rows, "field-wise merge",
+        res = timed(f"central ← {clinic.name}", pushes[clinic.name].num_rows, "field-wise merge",
                     lambda c=clinic: apply(central, pushes[c.name]))
         conflicts += res.conflicts.num_rows
         console.print(f"  central ← {clinic.name}: {res.rows.num_rows} rows written, "
@@ -166,7 +171,7 @@ def run_demo(patients: int = 20_000, facilities: int = 2, json_output: bool = Fa
     for clinic in clinics:
         changed = tidesync.diff(clinic.synced, central.table, "id")
         pull = central.table.take(changed.updated.column("_new_index"))
-        res = timed(f"{clinic.name} applies pull", pull.num_rows, "field-wise merge", lambda c=clinic, p=pull: apply(c, p))
+        res = timed(f"{clinic.name} ← central", pull.num_rows, "field-wise merge", lambda c=clinic, p=pull: apply(c, p))
         clinic.synced = clinic.table
         console.print(f"  {clinic.name} ← central: {res.rows.num_rows} rows written")
 
@@ -191,7 +196,7 @@ def run_demo(patients: int = 20_000, facilities: int = 2, json_output: bool = Fa
 
     summary = Table(title="Steps")
     for col in ("step", "rows", "seconds", "rows/s", "what"):
-        summary.add_column(col, justify="right" if col in ("rows", "seconds", "rows/s") else "left")
+        summary.add_column(col, justify="right" if col in ("rows", "seconds", "rows/s") else "left", no_wrap=col == "step")
     for s in steps:
         summary.add_row(s.name, f"{s.rows:,}", f"{s.seconds:.4f}", f"{s.rows / max(s.seconds, 1e-9):,.0f}", s.detail)
     console.print(summary)

@@ -15,10 +15,12 @@ const ROWS: usize = 200_000;
 /// row's `name`, so diffs and merges have real work to do.
 fn table(rows: usize, version: i64, node: &str) -> RecordBatch {
     let ids: StringArray = (0..rows).map(|i| Some(format!("{i:08x}-7000-4000-8000-{:012x}", i * 7919))).collect();
-    let name: StringArray =
-        (0..rows).map(|i| Some(format!("patient-{}", if i % 5 == 0 { i as i64 + version } else { i as i64 }))).collect();
-    let weight: Float64Array =
-        (0..rows).map(|i| if i % 17 == 0 { None } else { Some((i % 90) as f64 + (version * (i % 2) as i64) as f64) }).collect();
+    let name: StringArray = (0..rows)
+        .map(|i| Some(format!("patient-{}", if i % 5 == 0 { i as i64 + version } else { i as i64 })))
+        .collect();
+    let weight: Float64Array = (0..rows)
+        .map(|i| if i % 17 == 0 { None } else { Some((i % 90) as f64 + (version * (i % 2) as i64) as f64) })
+        .collect();
     let hlc = Int64Array::from_iter_values((0..rows).map(|i| (1 << 40) + version * 1000 + (i % 7) as i64));
     let col = |a: ArrayRef| a;
     RecordBatch::try_from_iter(vec![

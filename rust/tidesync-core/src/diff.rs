@@ -11,7 +11,11 @@ use arrow_select::take::take;
 use crate::compare;
 use crate::error::{invalid, Result};
 use crate::keys::{check_len, column_index, duplicate, read_keys, FirstSeen, KeyIndex, KeyValues};
+use crate::parallel::par_map;
 use crate::schema::require_same_columns;
+
+/// Each thread gets at least this many rows (below that, one thread is faster).
+const PARALLEL_MIN_ROWS: usize = 64 * 1024;
 
 /// Column names the diff adds to its outputs.
 pub const OLD_INDEX: &str = "_old_index";
@@ -55,7 +59,7 @@ struct Matches {
     new_rows: Vec<u32>,
 }
 
-fn match_keys<K: Hash + Eq + Copy + std::fmt::Debug>(old: &[K], new: &[K], key: &str) -> Result<Matches> {
+fn match_keys<K: Hash + Eq + Copy + Sync>(old: &[K], new: &[K], key: &str) -> Result<Matches> {
     check_len(new.len())?;
     let index = KeyIndex::unique(old, key, "old")?;
     let mut matched_by = vec![u32::MAX; old.len()];
@@ -63,8 +67,10 @@ fn match_keys<K: Hash + Eq + Copy + std::fmt::Debug>(old: &[K], new: &[K], key: 
     let mut m = Matches { inserted: Vec::new(), deleted: Vec::new(), old_rows: Vec::new(), new_rows: Vec::new() };
     m.old_rows.reserve(new.len().min(old.len()));
     m.new_rows.reserve(new.len().min(old.len()));
-    for (row, k) in new.iter().enumerate() {
-        match index.get(k) {
+    // The probes only read the index: run them in parallel, then walk the results.
+    let probes: Vec<Option<u32>> = par_map(new.len(), PARALLEL_MIN_ROWS, |row| index.get(&new[row]));
+    for (row, probe) in probes.into_iter().enumerate() {
+        match probe {
             Some(o) => {
                 let prev = std::mem::replace(&mut matched_by[o as usize], row as u32);
                 if prev != u32::MAX {
@@ -100,25 +106,27 @@ fn build(old: &RecordBatch, new: &RecordBatch, key_idx: usize, m: Matches) -> Re
 
     // Compare matched rows column by column through the index pairs (nulls are
     // values: IS DISTINCT FROM), then keep the pairs where any column changed.
+    // Columns are independent: on large diffs, compare them on several threads.
+    let schema = new.schema();
+    let compared: Vec<usize> = (0..schema.fields().len()).filter(|&c| c != key_idx).collect();
+    let per_thread = if m.new_rows.len() >= PARALLEL_MIN_ROWS { 1 } else { usize::MAX };
+    let changed: Vec<Result<BooleanBuffer>> = par_map(compared.len(), per_thread, |i| {
+        let c = compared[i];
+        compare::changed(old.column(c).as_ref(), new.column(c).as_ref(), &m.old_rows, &m.new_rows)
+    });
     let mut masks: Vec<(Field, BooleanArray)> = Vec::new();
     let mut any = BooleanBuffer::new_unset(m.new_rows.len());
-    for (c, field) in new.schema().fields().iter().enumerate() {
-        if c == key_idx {
-            continue;
-        }
-        let changed = compare::changed(old.column(c).as_ref(), new.column(c).as_ref(), &m.old_rows, &m.new_rows)?;
+    for (&c, changed) in compared.iter().zip(changed) {
+        let changed = changed?;
         any = &any | &changed;
-        masks.push((Field::new(field.name(), DataType::Boolean, false), BooleanArray::new(changed, None)));
+        masks.push((Field::new(schema.field(c).name(), DataType::Boolean, false), BooleanArray::new(changed, None)));
     }
     let (old_rows, new_rows) = (UInt32Array::from(m.old_rows), UInt32Array::from(m.new_rows));
     let keep = BooleanArray::new(any, None);
     let filter = |a: &dyn Array| arrow_select::filter::filter(a, &keep);
     let mut fields = vec![key_field, index_field(OLD_INDEX), index_field(NEW_INDEX)];
-    let mut columns: Vec<ArrayRef> = vec![
-        filter(&take(new.column(key_idx), &new_rows, None)?)?,
-        filter(&old_rows)?,
-        filter(&new_rows)?,
-    ];
+    let mut columns: Vec<ArrayRef> =
+        vec![filter(&take(new.column(key_idx), &new_rows, None)?)?, filter(&old_rows)?, filter(&new_rows)?];
     for (field, mask) in masks {
         fields.push(field);
         columns.push(filter(&mask)?);

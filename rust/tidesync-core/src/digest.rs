@@ -78,7 +78,11 @@ pub fn row_hashes(batch: &RecordBatch, key: &str, buckets: u32, columns: &[&str]
     ]);
     Ok(RecordBatch::try_new(
         Arc::new(schema),
-        vec![batch.column(input.key_idx).clone(), Arc::new(UInt32Array::from(bucket_of)), Arc::new(UInt64Array::from(hash))],
+        vec![
+            batch.column(input.key_idx).clone(),
+            Arc::new(UInt32Array::from(bucket_of)),
+            Arc::new(UInt64Array::from(hash)),
+        ],
     )?)
 }
 
@@ -167,17 +171,25 @@ fn fold_column(hash: &mut [u64], col: &dyn Array, name: &str, seed: bool) -> Res
     }
     use arrow_array::PrimitiveArray;
     match col.data_type() {
-        DataType::Utf8 => fold!(col.as_string::<i32>(), |a: &&arrow_array::StringArray, i| xxh3_64(a.value(i).as_bytes())),
+        DataType::Utf8 => {
+            fold!(col.as_string::<i32>(), |a: &&arrow_array::StringArray, i| xxh3_64(a.value(i).as_bytes()))
+        }
         DataType::LargeUtf8 => {
             fold!(col.as_string::<i64>(), |a: &&arrow_array::LargeStringArray, i| xxh3_64(a.value(i).as_bytes()))
         }
-        DataType::Utf8View => fold!(col.as_string_view(), |a: &&arrow_array::StringViewArray, i| xxh3_64(a.value(i).as_bytes())),
+        DataType::Utf8View => {
+            fold!(col.as_string_view(), |a: &&arrow_array::StringViewArray, i| xxh3_64(a.value(i).as_bytes()))
+        }
         DataType::Binary => fold!(col.as_binary::<i32>(), |a: &&arrow_array::BinaryArray, i| xxh3_64(a.value(i))),
-        DataType::LargeBinary => fold!(col.as_binary::<i64>(), |a: &&arrow_array::LargeBinaryArray, i| xxh3_64(a.value(i))),
+        DataType::LargeBinary => {
+            fold!(col.as_binary::<i64>(), |a: &&arrow_array::LargeBinaryArray, i| xxh3_64(a.value(i)))
+        }
         DataType::FixedSizeBinary(_) => {
             fold!(col.as_fixed_size_binary(), |a: &&arrow_array::FixedSizeBinaryArray, i| xxh3_64(a.value(i)))
         }
-        DataType::Boolean => fold!(col.as_boolean(), |a: &&arrow_array::BooleanArray, i| scalar(a.value(i) as i64 + 2, seed)),
+        DataType::Boolean => {
+            fold!(col.as_boolean(), |a: &&arrow_array::BooleanArray, i| scalar(a.value(i) as i64 + 2, seed))
+        }
         DataType::Int8 => prim!(Int8Type),
         DataType::Int16 => prim!(Int16Type),
         DataType::Int32 => prim!(Int32Type),

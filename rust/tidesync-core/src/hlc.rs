@@ -138,10 +138,7 @@ pub(crate) fn stamps(array: &dyn Array) -> Result<Vec<Option<u64>>> {
     if let Some(a) = array.as_any().downcast_ref::<UInt64Array>() {
         return Ok(a.iter().collect());
     }
-    Err(CoreError::UnsupportedType(format!(
-        "HLC stamps must be int64 or uint64, got {}",
-        array.data_type()
-    )))
+    Err(CoreError::UnsupportedType(format!("HLC stamps must be int64 or uint64, got {}", array.data_type())))
 }
 
 #[cfg(test)]

@@ -46,7 +46,9 @@ pub(crate) fn read_keys<'a>(batch: &'a RecordBatch, key: &str, side: &str) -> Re
         DataType::LargeUtf8 => {
             KeyValues::Bytes(col.as_string::<i64>().iter().map(|v| v.unwrap_or("").as_bytes()).collect())
         }
-        DataType::Utf8View => KeyValues::Bytes(col.as_string_view().iter().map(|v| v.unwrap_or("").as_bytes()).collect()),
+        DataType::Utf8View => {
+            KeyValues::Bytes(col.as_string_view().iter().map(|v| v.unwrap_or("").as_bytes()).collect())
+        }
         DataType::Binary => KeyValues::Bytes(col.as_binary::<i32>().iter().map(|v| v.unwrap_or(&[])).collect()),
         DataType::LargeBinary => KeyValues::Bytes(col.as_binary::<i64>().iter().map(|v| v.unwrap_or(&[])).collect()),
         DataType::FixedSizeBinary(16) => {
@@ -119,7 +121,8 @@ impl<'a, K: Hash + Eq + Copy> FirstSeen<'a, K> {
     pub(crate) fn first_row(&mut self, row: u32) -> u32 {
         let (keys, state) = (self.keys, &self.state);
         let k = &keys[row as usize];
-        let entry = self.table.entry(state.hash_one(k), |&i| keys[i as usize] == *k, |&i| state.hash_one(keys[i as usize]));
+        let entry =
+            self.table.entry(state.hash_one(k), |&i| keys[i as usize] == *k, |&i| state.hash_one(keys[i as usize]));
         *entry.or_insert(row).get()
     }
 }

@@ -238,7 +238,10 @@ impl<'a> Ctx<'a> {
                 ))
             })?;
             if !allow_null && arr.null_count() > 0 {
-                return Err(invalid(format!("column {:?} has null stamps; every version needs one", b.schema().field(c).name())));
+                return Err(invalid(format!(
+                    "column {:?} has null stamps; every version needs one",
+                    b.schema().field(c).name()
+                )));
             }
             Ok(arr)
         };
@@ -251,15 +254,16 @@ impl<'a> Ctx<'a> {
                 DataType::Utf8 => NodeCol::Utf8(col.as_string::<i32>()),
                 DataType::LargeUtf8 => NodeCol::Large(col.as_string::<i64>()),
                 DataType::Utf8View => NodeCol::View(col.as_string_view()),
-                other => return Err(CoreError::UnsupportedType(format!("column {NODE:?} must be a string, got {other}"))),
+                other => {
+                    return Err(CoreError::UnsupportedType(format!("column {NODE:?} must be a string, got {other}")))
+                }
             })
         };
         let hlc = [int64(local, hlc_idx, false)?.values().as_ref(), int64(incoming, hlc_idx, false)?.values().as_ref()];
         let base = [int64(local, base_idx, true)?, int64(incoming, base_idx, true)?];
 
         let names: Vec<&String> = schema.fields().iter().map(|f| f.name()).collect();
-        let data_cols: Vec<usize> =
-            (0..names.len()).filter(|&c| c != key_idx && !names[c].starts_with('_')).collect();
+        let data_cols: Vec<usize> = (0..names.len()).filter(|&c| c != key_idx && !names[c].starts_with('_')).collect();
         let (mut stamps, mut stamp_idx) = (Vec::new(), Vec::new());
         if mode == MergeMode::Field {
             for &c in &data_cols {
@@ -274,12 +278,11 @@ impl<'a> Ctx<'a> {
             .collect();
         let opts = SortOptions { descending: false, nulls_first: true };
         let mut cmp = Vec::with_capacity(names.len());
-        for c in 0..names.len() {
+        for (c, name) in names.iter().enumerate() {
             let (l, i) = (local.column(c).as_ref(), incoming.column(c).as_ref());
             let make = |a: &dyn Array, b: &dyn Array| {
-                make_comparator(a, b, opts).map_err(|e| {
-                    CoreError::UnsupportedType(format!("column {:?} cannot be compared: {e}", names[c]))
-                })
+                make_comparator(a, b, opts)
+                    .map_err(|e| CoreError::UnsupportedType(format!("column {name:?} cannot be compared: {e}")))
             };
             cmp.push([make(l, l)?, make(l, i)?, make(i, l)?, make(i, i)?]);
         }
@@ -343,7 +346,10 @@ impl<'a> Ctx<'a> {
     /// The full row order of record mode, used to sort versions before folding.
     fn full_order(&self, a: V, b: V) -> Ordering {
         self.stamp_order(a, b).then_with(|| {
-            (0..self.cmp.len()).map(|c| self.cmp_col(c, a, b)).find(|o| *o != Ordering::Equal).unwrap_or(Ordering::Equal)
+            (0..self.cmp.len())
+                .map(|c| self.cmp_col(c, a, b))
+                .find(|o| *o != Ordering::Equal)
+                .unwrap_or(Ordering::Equal)
         })
     }
 
@@ -583,23 +589,33 @@ impl Output {
     fn finish(self, ctx: &Ctx) -> Result<MergeOutput> {
         let schema = union_nullability(&ctx.batches[LOCAL].schema(), &ctx.batches[INCOMING].schema());
         let nd = ctx.data_cols.len();
-        let rows_cols = assemble(ctx, &self.rows, |c| column_part(ctx, c), |part, r| {
-            if ctx.mode == MergeMode::Field {
-                part.map_or(self.rows[r], |d| self.cols[r * nd + d])
-            } else {
-                self.rows[r]
-            }
-        })?;
+        let rows_cols = assemble(
+            ctx,
+            &self.rows,
+            |c| column_part(ctx, c),
+            |part, r| {
+                if ctx.mode == MergeMode::Field {
+                    part.map_or(self.rows[r], |d| self.cols[r * nd + d])
+                } else {
+                    self.rows[r]
+                }
+            },
+        )?;
         let rows = RecordBatch::try_new(schema.clone(), rows_cols)?;
 
         let sources: Vec<V> = self.conflicts.iter().map(|c| c.row.row).collect();
-        let mut columns = assemble(ctx, &sources, |c| column_part(ctx, c), |part, r| {
-            let row = &self.conflicts[r].row;
-            match part {
-                Some(d) if !row.cols.is_empty() => row.cols[d],
-                _ => row.row,
-            }
-        })?;
+        let mut columns = assemble(
+            ctx,
+            &sources,
+            |c| column_part(ctx, c),
+            |part, r| {
+                let row = &self.conflicts[r].row;
+                match part {
+                    Some(d) if !row.cols.is_empty() => row.cols[d],
+                    _ => row.row,
+                }
+            },
+        )?;
         let winner_hlc: Int64Array = self.conflicts.iter().map(|c| Some(ctx.hlc(c.winner))).collect();
         let winner_node: StringArray = self.conflicts.iter().map(|c| Some(ctx.node(c.winner))).collect();
         let mut lost = ListBuilder::new(StringBuilder::new());

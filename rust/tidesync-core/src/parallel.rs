@@ -54,8 +54,7 @@ where
     }
     std::thread::scope(|scope| {
         let work = &work;
-        let handles: Vec<_> =
-            split(items, threads).into_iter().map(|(s, l)| scope.spawn(move || work(s, l))).collect();
+        let handles: Vec<_> = split(items, threads).into_iter().map(|(s, l)| scope.spawn(move || work(s, l))).collect();
         handles.into_iter().map(|h| h.join().expect("tidesync worker thread panicked")).collect()
     })
 }

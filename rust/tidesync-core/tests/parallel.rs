@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use arrow_array::{ArrayRef, Int64Array, RecordBatch, StringArray};
-use tidesync_core::{digest, merge, set_max_threads, MergeMode};
+use tidesync_core::{diff, digest, merge, set_max_threads, MergeMode};
 
 /// A deterministic pseudo-random generator (no dev-dependency needed for this).
 struct Lcg(u64);
@@ -58,6 +58,15 @@ fn parallel_equals_sequential() {
         assert_eq!(one.inserted, two.inserted, "{mode:?}");
         assert_eq!(one.conflicts, two.conflicts, "{mode:?}");
     }
+    // Diff of two versions of one table (keys unique on both sides).
+    let newer = merge(&local, &incoming, "id", MergeMode::Record).unwrap().rows;
+    set_max_threads(1);
+    let one = diff(&local, &newer, "id").unwrap();
+    set_max_threads(2);
+    let two = diff(&local, &newer, "id").unwrap();
+    assert!(one.updated.num_rows() > 10_000 && one.deleted.num_rows() > 10_000);
+    assert_eq!((one.inserted, one.deleted, one.updated), (two.inserted, two.deleted, two.updated));
+
     set_max_threads(1);
     let one = digest(&incoming, "id", 256, &["_hlc", "_node", "v"]).unwrap();
     set_max_threads(2);

@@ -66,7 +66,10 @@ fn without_views(batch: RecordBatch) -> Result<RecordBatch, arrow_schema::ArrowE
             }
         }
     }
-    RecordBatch::try_new(std::sync::Arc::new(Schema::new_with_metadata(fields, batch.schema().metadata().clone())), columns)
+    RecordBatch::try_new(
+        std::sync::Arc::new(Schema::new_with_metadata(fields, batch.schema().metadata().clone())),
+        columns,
+    )
 }
 
 /// Any Arrow array producer (a pyarrow Array or ChunkedArray, a polars Series) as one array.

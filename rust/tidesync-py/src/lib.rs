@@ -113,7 +113,13 @@ fn merge(
 }
 
 #[pyfunction]
-fn digest(py: Python<'_>, batch: &Bound<'_, PyAny>, key: String, buckets: u32, columns: Vec<String>) -> PyResult<Py<PyAny>> {
+fn digest(
+    py: Python<'_>,
+    batch: &Bound<'_, PyAny>,
+    key: String,
+    buckets: u32,
+    columns: Vec<String>,
+) -> PyResult<Py<PyAny>> {
     let batch = batch_arg(batch, "digest")?;
     let out = detached(py, || {
         let columns: Vec<&str> = columns.iter().map(String::as_str).collect();
