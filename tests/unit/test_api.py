@@ -152,3 +152,13 @@ def test_thread_cap_changes_speed_not_results() -> None:
             tidesync.set_max_threads(-1)
     finally:
         tidesync.set_max_threads(previous)
+
+
+def test_every_native_export_has_a_public_face() -> None:
+    """Nothing of the native module is reachable only through `tidesync._core`."""
+    for name in tidesync._core.__all__:
+        if name.endswith("Error"):
+            assert getattr(errors, name) is getattr(tidesync._core, name)
+            assert name in tidesync.__all__
+        elif name != "__version__":
+            assert name in tidesync.__all__, f"tidesync._core.{name} has no typed wrapper in tidesync"

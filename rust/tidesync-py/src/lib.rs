@@ -7,7 +7,7 @@ mod errors;
 
 use std::sync::Arc;
 
-use arrow_array::ArrayRef;
+use arrow_array::{ArrayRef, RecordBatch};
 use pyo3::prelude::*;
 use tidesync_core::hlc;
 
@@ -120,12 +120,7 @@ fn digest(
     buckets: u32,
     columns: Vec<String>,
 ) -> PyResult<Py<PyAny>> {
-    let batch = batch_arg(batch, "digest")?;
-    let out = detached(py, || {
-        let columns: Vec<&str> = columns.iter().map(String::as_str).collect();
-        tidesync_core::digest(&batch, &key, buckets, &columns)
-    })?;
-    table_out(py, out)
+    hash_rows(py, batch, &key, buckets, &columns, "digest", tidesync_core::digest)
 }
 
 #[pyfunction]
@@ -136,10 +131,25 @@ fn row_hashes(
     buckets: u32,
     columns: Vec<String>,
 ) -> PyResult<Py<PyAny>> {
-    let batch = batch_arg(batch, "row_hashes")?;
+    hash_rows(py, batch, &key, buckets, &columns, "row_hashes", tidesync_core::row_hashes)
+}
+
+type HashRowsFn = fn(&RecordBatch, &str, u32, &[&str]) -> tidesync_core::Result<RecordBatch>;
+
+/// The shared body of `digest` and `row_hashes`.
+fn hash_rows(
+    py: Python<'_>,
+    batch: &Bound<'_, PyAny>,
+    key: &str,
+    buckets: u32,
+    columns: &[String],
+    what: &str,
+    run: HashRowsFn,
+) -> PyResult<Py<PyAny>> {
+    let batch = batch_arg(batch, what)?;
     let out = detached(py, || {
         let columns: Vec<&str> = columns.iter().map(String::as_str).collect();
-        tidesync_core::row_hashes(&batch, &key, buckets, &columns)
+        run(&batch, key, buckets, &columns)
     })?;
     table_out(py, out)
 }
