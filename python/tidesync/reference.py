@@ -283,6 +283,9 @@ def diff(old: Any, new: Any, key: str) -> Diff:
     old_t, new_t = _as_table(old), _as_table(new)
     _check_same_schema(old_t, new_t, "diff")
     _check_key(old_t, key)
+    for reserved in ("_old_index", "_new_index"):
+        if reserved in old_t.column_names:
+            raise InvalidInputError(f"column name {reserved!r} is reserved for diff output")
     old_keys = _key_values(old_t, key, "old", unique=True)
     new_keys = _key_values(new_t, key, "new", unique=True)
     columns = [name for name in old_t.column_names if name != key]
@@ -466,6 +469,9 @@ def _check_merge_schema(table: pa.Table, key: str, mode: str) -> None:
     """Key, ``_hlc``/``_node``/``_base_hlc`` and (field mode) every stamp must be there."""
     if mode not in ("record", "field"):
         raise InvalidInputError(f"merge mode must be 'record' or 'field', not {mode!r}")
+    for reserved in ("_winner_hlc", "_winner_node", "_lost_columns"):
+        if reserved in table.column_names:
+            raise InvalidInputError(f"column name {reserved!r} is reserved for the conflict output of merge")
     _check_key(table, key)
     required = {_HLC: pa.int64(), _NODE: pa.utf8(), _BASE: pa.int64()}
     if mode == "field":

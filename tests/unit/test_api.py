@@ -80,6 +80,12 @@ def test_errors_share_one_root_and_say_what_to_do() -> None:
         tidesync.merge(pa.concat_tables([t, t]), t, "id")
     with pytest.raises(errors.UnsupportedTypeError, match="keys must be"):
         tidesync.diff(t, t, "weight")
+    with pytest.raises(errors.InvalidInputError, match="reserved for the conflict output"):
+        renamed = t.append_column("_lost_columns", pa.array(["x"] * 3))
+        tidesync.merge(renamed, renamed, "id")
+    with pytest.raises(errors.InvalidInputError, match="reserved for diff output"):
+        renamed = t.append_column("_new_index", pa.array([1] * 3))
+        tidesync.diff(renamed, renamed, "id")
     with pytest.raises(errors.InvalidInputError, match="power of two"):
         tidesync.digest(t, "id", buckets=1000)
     for cls in (errors.SchemaMismatchError, errors.InvalidInputError, errors.DuplicateKeyError,

@@ -221,6 +221,13 @@ impl<'a> Ctx<'a> {
         let idx = |name: &str, why: &str| {
             schema.index_of(name).map_err(|_| invalid(format!("merge needs a {name:?} column ({why}); it is missing")))
         };
+        for reserved in [WINNER_HLC, WINNER_NODE, LOST_COLUMNS] {
+            if schema.index_of(reserved).is_ok() {
+                return Err(invalid(format!(
+                    "column name {reserved:?} is reserved for the conflict output of merge; rename the column"
+                )));
+            }
+        }
         let key_idx = idx(key, "the key")?;
         let (hlc_idx, node_idx, base_idx) = (
             idx(HLC, "the version's HLC stamp")?,
