@@ -142,10 +142,11 @@ fn group<K: Hash + Eq + Copy + Sync>(local: &[K], incoming: &[K], key: &str) -> 
     // One probe of the local index per incoming row; only keys new to the local
     // side need a second table. Either way we learn the key's group, if it has one.
     let mut group_of_local = vec![u32::MAX; local.len()];
-    let mut new_keys = FirstSeen::new(incoming, incoming.len().saturating_sub(local.len()));
     let mut group_of_first = vec![u32::MAX; incoming.len()];
     // The probes only read the index: run them in parallel, assign groups after.
     let probes: Vec<Option<u32>> = par_map(incoming.len(), PARALLEL_MIN_KEYS, |row| local_index.get(&incoming[row]));
+    // Sized from the misses, so the table of new keys never rehashes while growing.
+    let mut new_keys = FirstSeen::new(incoming, probes.iter().filter(|p| p.is_none()).count());
     for row in 0..incoming.len() as u32 {
         let local_row = probes[row as usize];
         let existing = match local_row {
