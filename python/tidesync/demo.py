@@ -73,11 +73,11 @@ def make_patients(n: int, stamp: int, rng: np.random.Generator) -> pa.Table:
 def edit(node: Node, rows: np.ndarray, column: str, values: pa.Array) -> None:
     """What the application does with plain SQL: change one column of some rows."""
     col = node.table.column(column).combine_chunks()
+    # replace_with_mask fills the masked slots in row order: one value per row, sorted.
+    unique_rows, first = np.unique(rows, return_index=True)
     mask = np.zeros(node.table.num_rows, dtype=bool)
-    mask[rows] = True
-    full = np.empty(node.table.num_rows, dtype=object)
-    full[rows] = values.to_pylist()
-    replaced = pc.if_else(pa.array(mask), pa.array(full, col.type), col)
+    mask[unique_rows] = True
+    replaced = pc.replace_with_mask(col, pa.array(mask), values.take(pa.array(first)).cast(col.type))
     node.table = node.table.set_column(node.table.schema.get_field_index(column), column, replaced)
 
 
