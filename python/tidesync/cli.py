@@ -1,6 +1,7 @@
-"""The ``tidesync`` command line: ``tidesync bench``, ``tidesync demo``, ``tidesync version``.
+"""The ``tidesync`` command line: ``schema install|uninstall|status``, ``bench``, ``demo``, ``version``.
 
-Kept small: the work lives in ``tidesync.bench`` and ``tidesync.demo``. Errors print one
+Kept small: the work lives in ``tidesync.pg``, ``tidesync.sqlite``, ``tidesync.bench`` and
+``tidesync.demo``. Errors print one
 line on stderr and exit with status 1 (2 for usage errors, as click does).
 """
 
@@ -85,6 +86,93 @@ def demo(patients: int, facilities: int, as_json: bool) -> None:
     summary = run_demo(patients=patients, facilities=facilities, json_output=as_json)
     if as_json:
         click.echo(json.dumps(summary, indent=2, default=str))
+
+
+SCHEMAS = ("demo",)
+
+
+def _registry(name: str) -> Any:
+    if name == "demo":
+        from tidesync.schemas.demo import REGISTRY
+
+        return REGISTRY
+    raise click.BadParameter(f"unknown schema {name!r}", param_hint="--schema")  # pragma: no cover
+
+
+def open_store(db: str, registry: Any) -> Any:
+    """A store for ``db``: a PostgreSQL DSN (postgres:// or postgresql://) or a SQLite file path."""
+    if db.startswith(("postgres://", "postgresql://")) or "host=" in db or "dbname=" in db:
+        from tidesync.pg import PostgresStore
+
+        return PostgresStore(db, registry)
+    from tidesync.sqlite import SQLiteStore
+
+    return SQLiteStore(db, registry)
+
+
+_db_option = click.option(
+    "--db", required=True, envvar="TIDESYNC_DB", help="PostgreSQL DSN (postgresql://...) or SQLite file path."
+)
+_schema_option = click.option(
+    "--schema", "schema_name", type=click.Choice(SCHEMAS), default="demo", show_default=True,
+    help="Which table registry to install.",
+)  # fmt: skip
+
+
+@main.group()
+def schema() -> None:
+    """Install, inspect or remove tidesync's metadata in a node database."""
+
+
+@schema.command("install")
+@_db_option
+@_schema_option
+@click.option("--node-id", required=True, help="This node's id (stamped on every version it writes).")
+@click.option(
+    "--create-tables", is_flag=True,
+    help="First create the schema's application tables (for the demo schema; real applications own their DDL).",
+)  # fmt: skip
+def schema_install(db: str, schema_name: str, node_id: str, create_tables: bool) -> None:
+    """Add metadata columns, capture triggers, tombstones and bookkeeping. Idempotent."""
+    registry = _registry(schema_name)
+    store = open_store(db, registry)
+    try:
+        if create_tables:
+            store.create_app_tables()
+        store.install(node_id)
+        click.echo(f"tidesync installed: {len(registry)} synced tables, node {node_id!r}")
+    finally:
+        store.close()
+
+
+@schema.command("uninstall")
+@_db_option
+@_schema_option
+def schema_uninstall(db: str, schema_name: str) -> None:
+    """Remove everything install added; application data is left as it is."""
+    store = open_store(db, _registry(schema_name))
+    try:
+        store.uninstall()
+        click.echo("tidesync uninstalled; application tables and rows are untouched")
+    finally:
+        store.close()
+
+
+@schema.command("status")
+@_db_option
+@_schema_option
+def schema_status(db: str, schema_name: str) -> None:
+    """Show the node id, pending changes per table, conflicts and quarantined rows."""
+    store = open_store(db, _registry(schema_name))
+    try:
+        node = store.node_id()
+        window = store.read_window(0)
+        click.echo(f"node {node!r}")
+        for name, table in window.tables.items():
+            click.echo(f"  {name:<26} {table.num_rows:>10} versions")
+        click.echo(f"conflicts logged: {store.conflicts().num_rows}; quarantined rows: {store.quarantine().num_rows}")
+    finally:
+        store.close()
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -37,3 +37,20 @@ def test_unknown_command_fails_with_usage_error() -> None:
     out = run("no-such-command")
     assert out.returncode != 0
     assert "No such command" in out.stderr
+
+
+def test_schema_install_status_uninstall_on_postgres(pg_db: str) -> None:
+    out = run("schema", "install", "--db", pg_db, "--node-id", "clinic-1", "--create-tables")
+    assert out.returncode == 0, out.stderr
+    assert "12 synced tables" in out.stdout
+    again = run("schema", "install", "--db", pg_db, "--node-id", "clinic-1")
+    assert again.returncode == 0, again.stderr
+    status = run("schema", "status", "--db", pg_db)
+    assert status.returncode == 0, status.stderr
+    assert "node 'clinic-1'" in status.stdout and "patients" in status.stdout
+    clash = run("schema", "install", "--db", pg_db, "--node-id", "clinic-2")
+    assert clash.returncode == 1 and "already node 'clinic-1'" in clash.stderr
+    gone = run("schema", "uninstall", "--db", pg_db)
+    assert gone.returncode == 0, gone.stderr
+    missing = run("schema", "status", "--db", pg_db)
+    assert missing.returncode == 1 and "not installed" in missing.stderr

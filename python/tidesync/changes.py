@@ -1,0 +1,271 @@
+"""What every store (PostgreSQL, SQLite) shares: change batches, windows, apply plans.
+
+A *change batch* of a table is an Arrow table in the table's wire schema
+(:meth:`TableSpec.wire_schema`): the application's columns, ``_hlc``, ``_node``,
+``_base_hlc``, ``_deleted`` and, in field mode, ``_hlc_<col>`` per data column. A
+tombstone (a hard delete) is a row with ``_deleted`` true and every data column and
+stamp null.
+
+Applying a batch is the same everywhere: read the local versions of the incoming
+keys (live rows and tombstones), merge them with the incoming versions in the Rust
+core, and turn the result into a plan — rows to insert, rows to update, keys to
+delete, conflicts to log. The stores only differ in how they read and write.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import date, datetime
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from tidesync.core import merge
+from tidesync.errors import SchemaMismatchError
+from tidesync.registry import BASE_HLC, DELETED, HLC, NODE, LogicalType, TableSpec
+
+#: Column a store adds to written rows: the peer a version arrived from (None = written
+#: here). A window read for a peer skips versions that came from that same peer.
+ORIGIN = "_origin"
+
+
+@dataclass
+class Window:
+    """The changes of a node in ``[cursor, watermark)``, per table in foreign-key order."""
+
+    cursor: int
+    watermark: int
+    tables: dict[str, pa.Table]
+
+    @property
+    def rows(self) -> int:
+        return sum(t.num_rows for t in self.tables.values())
+
+
+@dataclass
+class TableApplyStats:
+    inserted: int = 0
+    updated: int = 0
+    deleted: int = 0
+    unchanged: int = 0
+    conflicts: int = 0
+    quarantined: int = 0
+
+
+@dataclass
+class ApplyResult:
+    """What one atomic apply did, per table."""
+
+    tables: dict[str, TableApplyStats] = field(default_factory=dict)
+
+    def total(self, what: str) -> int:
+        return sum(getattr(s, what) for s in self.tables.values())
+
+
+def _storage(arr: pa.ChunkedArray | pa.Array) -> pa.ChunkedArray | pa.Array:
+    """Drop extension types (ADBC reads uuid as ``arrow.uuid``) down to their storage."""
+    if isinstance(arr.type, pa.ExtensionType):
+        if isinstance(arr, pa.ChunkedArray):
+            return pa.chunked_array([c.storage for c in arr.chunks], type=arr.type.storage_type)
+        return arr.storage
+    return arr
+
+
+def conform(table: pa.Table | pa.RecordBatch, spec: TableSpec, what: str = "batch") -> pa.Table:
+    """Cast a batch to ``spec``'s wire schema, or raise a clear SchemaMismatchError.
+
+    Columns are matched by name (order does not matter); a missing or unknown column,
+    or a type that does not cast safely, is an error for the whole batch.
+    """
+    if isinstance(table, pa.RecordBatch):
+        table = pa.Table.from_batches([table])
+    wire = spec.wire_schema()
+    have = set(table.column_names)
+    missing = [f.name for f in wire if f.name not in have]
+    extra = sorted(have - set(wire.names))
+    if missing or extra:
+        parts = []
+        if missing:
+            parts.append(f"missing columns {missing}")
+        if extra:
+            parts.append(f"unknown columns {extra}")
+        raise SchemaMismatchError(f"{what} for table {spec.name!r} does not match its registry entry: {'; '.join(parts)}")
+    cols = []
+    for f in wire:
+        col = _storage(table.column(f.name))
+        if col.type != f.type:
+            try:
+                col = col.cast(f.type)
+            except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
+                raise SchemaMismatchError(
+                    f"{what} for table {spec.name!r}: column {f.name!r} is {col.type}, expected {f.type} ({exc})"
+                ) from None
+        cols.append(col)
+    return pa.Table.from_arrays(cols, schema=wire)
+
+
+def empty(spec: TableSpec) -> pa.Table:
+    return spec.wire_schema().empty_table()
+
+
+def with_origin(table: pa.Table, origin: pa.Array | str | None) -> pa.Table:
+    """Append the ``_origin`` column (one value for all rows, or an array)."""
+    if not isinstance(origin, (pa.Array, pa.ChunkedArray)):
+        origin = pa.repeat(pa.scalar(origin, pa.string()), table.num_rows)
+    return table.append_column(pa.field(ORIGIN, pa.string()), origin)
+
+
+@dataclass
+class ApplyPlan:
+    """What to write for one table so that it holds the merge of local and incoming."""
+
+    spec: TableSpec
+    #: Live rows whose key has no live local row (wire columns but ``_deleted``, plus ``_origin``).
+    inserts: pa.Table
+    #: Live rows replacing a live local row.
+    updates: pa.Table
+    #: Tombstones to record (key, ``_hlc``, ``_node``, ``_base_hlc``, ``_origin``); the live row goes.
+    deletes: pa.Table
+    #: Keys whose tombstone must go because the key is live again (resurrected).
+    revived: pa.Array
+    #: The merge's conflict batch (losing versions with ``_winner_hlc``/``_winner_node``/``_lost_columns``).
+    conflicts: pa.Table
+    unchanged: int
+
+
+def plan_apply(spec: TableSpec, local: pa.Table, incoming: pa.Table, peer: str | None) -> ApplyPlan:
+    """Merge ``incoming`` (wire schema) into ``local`` (wire schema: live rows and tombstones).
+
+    Rows that end up exactly as a version the peer sent are marked as coming from the
+    peer, so they are never sent back to it; a field-wise mix of local and incoming
+    values is a new version (``_origin`` null) that the peer has not seen yet.
+    """
+    key = spec.key
+    result = merge(local, incoming, key, spec.merge)
+    rows = result.rows
+    origin = _origins(spec, rows, incoming, peer)
+    deleted = rows.column(DELETED)
+    live_mask = pc.invert(deleted)
+    local_live = local.filter(pc.invert(local.column(DELETED))).column(key)
+    was_live = pc.is_in(rows.column(key), value_set=local_live.combine_chunks()) if local.num_rows else None
+    if was_live is None:
+        was_live = pa.repeat(pa.scalar(False), rows.num_rows)
+    local_dead = local.filter(local.column(DELETED)).column(key).combine_chunks()
+
+    out = with_origin(rows.drop_columns([DELETED]), origin)
+    inserts = out.filter(pc.and_(live_mask, pc.invert(was_live)))
+    updates = out.filter(pc.and_(live_mask, was_live))
+    meta = [key, HLC, NODE, BASE_HLC, ORIGIN]
+    deletes = out.filter(deleted).select(meta)
+    revived = pc.filter(inserts.column(key), pc.is_in(inserts.column(key), value_set=local_dead)).combine_chunks()
+    unchanged = _distinct_count(incoming.column(key)) - rows.num_rows
+    return ApplyPlan(spec, inserts, updates, deletes, revived, result.conflicts, max(unchanged, 0))
+
+
+def _distinct_count(col: pa.ChunkedArray) -> int:
+    return int(pc.count_distinct(_storage(col)).as_py())
+
+
+def _origins(spec: TableSpec, rows: pa.Table, incoming: pa.Table, peer: str | None) -> pa.Array:
+    """``peer`` for rows identical to a version the peer sent, null for the rest."""
+    n = rows.num_rows
+    if peer is None or n == 0:
+        return pa.nulls(n, pa.string())
+    if not spec.field_wise:
+        # Record mode: a merged row that differs from the local row is an incoming version.
+        return pa.repeat(pa.scalar(peer, pa.string()), n)
+    if _distinct_count(incoming.column(spec.key)) != incoming.num_rows:
+        # Several versions of a key in one batch (rare): echoing is harmless, skip the check.
+        return pa.nulls(n, pa.string())
+    from tidesync.core import diff
+
+    sent = incoming.filter(pc.is_in(incoming.column(spec.key), value_set=rows.column(spec.key).combine_chunks()))
+    # Align row order with `rows` is not needed: diff matches by key.
+    changed = diff(sent, rows, spec.key).updated.column(spec.key).combine_chunks()
+    same = pc.invert(pc.is_in(rows.column(spec.key), value_set=changed))
+    return pc.if_else(same, pa.scalar(peer, pa.string()), pa.scalar(None, pa.string()))
+
+
+def tombstone_rows(spec: TableSpec, meta: pa.Table) -> pa.Table:
+    """Wire rows for tombstones given ``key, _hlc, _node, _base_hlc``: data and stamps null."""
+    wire = spec.wire_schema()
+    n = meta.num_rows
+    cols = []
+    for f in wire:
+        if f.name in (spec.key, HLC, NODE, BASE_HLC):
+            cols.append(_storage(meta.column(f.name)).cast(f.type))
+        elif f.name == DELETED:
+            cols.append(pa.repeat(pa.scalar(True), n))
+        else:
+            cols.append(pa.nulls(n, f.type))
+    return pa.Table.from_arrays(cols, schema=wire)
+
+
+# ----------------------------------------------------------------------------- rare paths
+
+
+def key_texts(spec: TableSpec, keys: pa.Array | pa.ChunkedArray) -> list[str]:
+    """Keys as text (uuid in canonical form) for the conflict log and quarantine."""
+    values = _storage(keys).to_pylist()
+    if spec.column(spec.key).type is LogicalType.UUID:
+        return [str(uuid.UUID(bytes=v)) for v in values]
+    return [str(v) for v in values]
+
+
+def _json_default(v: Any) -> Any:
+    if isinstance(v, bytes):
+        return v.hex()
+    if isinstance(v, (datetime, date)):
+        return v.isoformat()
+    raise TypeError(type(v))
+
+
+def rows_as_json(spec: TableSpec, table: pa.Table) -> list[str]:
+    """Each row as a JSON object of its application columns (uuid as text, bytes as hex).
+
+    For the conflict log and quarantine only: they hold a few rows, for people to read.
+    """
+    cols = [c.name for c in spec.columns if c.name in table.column_names]
+    out: list[str] = []
+    uuid_cols = {c.name for c in spec.columns if c.type is LogicalType.UUID}
+    for row in table.select(cols).to_pylist():
+        for c in uuid_cols & row.keys():
+            if row[c] is not None:
+                row[c] = str(uuid.UUID(bytes=row[c]))
+        out.append(json.dumps(row, default=_json_default, sort_keys=False))
+    return out
+
+
+def quarantine_bisect(rows: pa.Table, attempt: Callable[[pa.Table], str | None]) -> list[tuple[int, str]]:
+    """Write ``rows`` with ``attempt``; isolate the rows that fail, by halving.
+
+    ``attempt(batch)`` writes a batch inside a savepoint and returns None on success or
+    the error text after rolling the savepoint back. Returns ``(row index, reason)`` for
+    each row that cannot be written on its own; every other row is written. With k bad
+    rows out of n this costs O(k log n) attempts, and one attempt when all is well.
+    """
+    bad: list[tuple[int, str]] = []
+
+    def go(offset: int, batch: pa.Table) -> None:
+        err = attempt(batch)
+        if err is None:
+            return
+        if batch.num_rows == 1:
+            bad.append((offset, err))
+            return
+        mid = batch.num_rows // 2
+        go(offset, batch.slice(0, mid))
+        go(offset + mid, batch.slice(mid))
+
+    if rows.num_rows:
+        go(0, rows)
+    return bad
+
+
+def chunks(table: pa.Table, size: int) -> Iterator[pa.Table]:
+    for start in range(0, table.num_rows, size):
+        yield table.slice(start, size)

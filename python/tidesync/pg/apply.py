@@ -1,0 +1,294 @@
+"""Applying incoming change batches to PostgreSQL: merge in Rust, write set-based, atomically.
+
+One transaction for everything: for each table in foreign-key order, the incoming
+keys are copied into a temporary table, the local versions of those keys are read
+(and locked) as Arrow, the Rust core merges them, and the result is written with
+binary ``COPY`` and a handful of set-based statements — never a statement per row.
+Conflicts go to ``tidesync.conflicts``; a row the database rejects (a constraint,
+a bad value) goes to ``tidesync.quarantine`` with the error, found by halving the
+batch inside savepoints, and the rest applies. The cursor advance commits with the
+rows, so a crash anywhere leaves all or nothing.
+
+While applying, the capture triggers stand aside (``tidesync.applying``): incoming
+versions keep their stamps, and ``_origin`` remembers the peer they came from.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from tidesync.changes import (
+    ORIGIN,
+    ApplyPlan,
+    ApplyResult,
+    TableApplyStats,
+    conform,
+    key_texts,
+    plan_apply,
+    quarantine_bisect,
+    rows_as_json,
+)
+from tidesync.errors import SchemaMismatchError
+from tidesync.pg.conn import transaction
+from tidesync.pg.install import APPLYING_GUC, SCHEMA, qi, ql, tomb_table
+from tidesync.registry import BASE_HLC, DELETED, HLC, NODE, Registry, TableSpec, stamp_column
+
+KEYS = "_tidesync_keys"
+STAGE = "_tidesync_stage"
+
+
+def apply_changes(
+    conn: Any,
+    registry: Registry,
+    batches: Mapping[str, Any],
+    *,
+    peer: str | None,
+    cursor: tuple[str, int] | None = None,
+) -> ApplyResult:
+    """Merge and write ``batches`` (table name -> Arrow data) in one transaction."""
+    unknown = [n for n in batches if n not in registry]
+    if unknown:
+        raise SchemaMismatchError(
+            f"unknown tables {unknown}: the registry {registry.name!r} syncs {', '.join(registry.names)}"
+        )
+    # Validate every batch before writing anything: a wrong schema applies nothing.
+    incoming = {name: conform(batch, registry[name], "incoming batch") for name, batch in batches.items()}
+    result = ApplyResult()
+    with transaction(conn) as cur:
+        cur.execute(f"SET LOCAL {APPLYING_GUC} = 'on'")
+        cur.execute("SET CONSTRAINTS ALL DEFERRED")
+        for spec in registry.ordered(incoming):
+            result.tables[spec.name] = _apply_table(cur, spec, incoming[spec.name], peer)
+        if cursor is not None:
+            _save_cursor(cur, *cursor)
+        cur.execute("SET CONSTRAINTS ALL IMMEDIATE")
+    return result
+
+
+def _save_cursor(cur: Any, name: str, value: int) -> None:
+    cur.execute(
+        f"INSERT INTO {SCHEMA}.cursors (name, value) VALUES ({ql(name)}, {int(value)}) "
+        "ON CONFLICT (name) DO UPDATE SET value = EXCLUDED.value, updated_at = now()"
+    )
+
+
+def _apply_table(cur: Any, spec: TableSpec, incoming: pa.Table, peer: str | None) -> TableApplyStats:
+    stats = TableApplyStats()
+    if incoming.num_rows == 0:
+        return stats
+    incoming, bad = _reject_unusable(spec, incoming)
+    if bad.num_rows:
+        _quarantine(cur, spec, bad, [("a version needs a key, _hlc and _node", i) for i in range(bad.num_rows)],
+                    peer)  # fmt: skip
+        stats.quarantined += bad.num_rows
+    local = _read_local(cur, spec, incoming.column(spec.key))
+    plan = plan_apply(spec, local, incoming, peer)
+    stats.unchanged = plan.unchanged
+    stats.inserted = _write(cur, spec, plan.inserts, peer, stats, _insert_rows)
+    stats.updated = _write(cur, spec, plan.updates, peer, stats, _update_rows)
+    stats.deleted = _write(cur, spec, plan.deletes, peer, stats, _delete_rows)
+    if len(plan.revived):
+        _stage(cur, spec, pa.table({spec.key: plan.revived}), key_only=True)
+        cur.execute(f"DELETE FROM {tomb_table(spec)} t USING {KEYS} k WHERE t.{qi(spec.key)} = k.{qi(spec.key)}")
+    stats.conflicts = _log_conflicts(cur, spec, plan, peer)
+    return stats
+
+
+def _reject_unusable(spec: TableSpec, incoming: pa.Table) -> tuple[pa.Table, pa.Table]:
+    """Split off versions merge cannot take at all (no key or no stamp): they are quarantined."""
+    bad = pc.or_(
+        pc.or_(pc.is_null(incoming.column(spec.key)), pc.is_null(incoming.column(HLC))),
+        pc.or_(pc.is_null(incoming.column(NODE)), pc.is_null(incoming.column(DELETED))),
+    )
+    if not pc.any(bad).as_py():
+        return incoming, incoming.slice(0, 0)
+    return incoming.filter(pc.invert(bad)), incoming.filter(bad)
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+def _stage(cur: Any, spec: TableSpec, table: pa.Table, *, key_only: bool = False) -> None:
+    """COPY ``table`` into a fresh temporary table typed like the target (dropped at commit)."""
+    name = KEYS if key_only else STAGE
+    cur.execute(f"DROP TABLE IF EXISTS {name}")
+    if key_only:
+        cur.execute(f"CREATE TEMP TABLE {name} ({qi(spec.key)} {spec.column(spec.key).type.pg}) ON COMMIT DROP")
+    else:
+        cols = ", ".join(qi(c) for c in table.column_names if c != ORIGIN)
+        cur.execute(
+            f"CREATE TEMP TABLE {name} ON COMMIT DROP AS SELECT {cols}, ''::text AS _origin "
+            f"FROM {qi(spec.name)} WITH NO DATA"
+        )
+    if table.num_rows:
+        cur.adbc_ingest(name, table, mode="append", temporary=True)
+
+
+def _read_local(cur: Any, spec: TableSpec, keys: pa.ChunkedArray) -> pa.Table:
+    """The local versions of ``keys`` in the wire schema: live rows (locked), else tombstones."""
+    _stage(cur, spec, pa.table({spec.key: pc.unique(keys.combine_chunks())}), key_only=True)
+    k = qi(spec.key)
+    cols = [f"t.{qi(c.name)}" for c in spec.columns]
+    stamps = [f"t.{qi(stamp_column(c.name))}" for c in spec.data_columns] if spec.field_wise else []
+    # FOR UPDATE: an application write to one of these rows waits for this transaction,
+    # so what we merged against is what we overwrite.
+    cur.execute(
+        f"SELECT {', '.join([*cols, 't._hlc', 't._node', 't._base_hlc', f'false AS {DELETED}', *stamps])} "
+        f"FROM {qi(spec.name)} t JOIN {KEYS} k ON t.{k} = k.{k} FOR UPDATE OF t"
+    )
+    live = conform(cur.fetch_arrow_table(), spec, "local rows")
+    dead_cols = [f"t.{k}" if c.name == spec.key else f"NULL::{c.type.pg}" for c in spec.columns]
+    dead_stamps = ["NULL::bigint"] * len(stamps)
+    names = ", ".join(qi(f.name) for f in spec.wire_schema())
+    cur.execute(
+        f"SELECT * FROM (SELECT {', '.join([*dead_cols, 't._hlc', 't._node', 't._base_hlc', 'true', *dead_stamps])} "
+        f"FROM {tomb_table(spec)} t JOIN {KEYS} k ON t.{k} = k.{k} "
+        f"WHERE NOT EXISTS (SELECT 1 FROM {qi(spec.name)} l WHERE l.{k} = t.{k})) AS d ({names})"
+    )
+    dead = conform(cur.fetch_arrow_table(), spec, "local tombstones")
+    return pa.concat_tables([live, dead]) if dead.num_rows else live
+
+
+# ----------------------------------------------------------------------------- writing
+
+
+def _write(cur: Any, spec: TableSpec, rows: pa.Table, peer: str | None, stats: TableApplyStats, op: Any) -> int:
+    """Run ``op`` on ``rows``; rows the database rejects go to the quarantine. Returns rows written."""
+    if rows.num_rows == 0:
+        return 0
+
+    def attempt(batch: pa.Table) -> str | None:
+        cur.execute("SAVEPOINT tidesync_write")
+        try:
+            op(cur, spec, batch)
+            # Deferred constraints (foreign keys) are checked here, so a bad row is
+            # caught while we can still tell which batch it was in.
+            cur.execute("SET CONSTRAINTS ALL IMMEDIATE")
+            cur.execute("SET CONSTRAINTS ALL DEFERRED")
+        except Exception as exc:  # noqa: BLE001 - any database error quarantines the batch's bad rows
+            cur.execute("ROLLBACK TO SAVEPOINT tidesync_write")
+            return _error_text(exc)
+        cur.execute("RELEASE SAVEPOINT tidesync_write")
+        return None
+
+    bad = quarantine_bisect(rows, attempt)
+    if bad:
+        idx = pa.array([i for i, _ in bad], pa.int64())
+        _quarantine(cur, spec, rows.take(idx), [(reason, i) for i, (_, reason) in enumerate(bad)], peer)
+        stats.quarantined += len(bad)
+    return int(rows.num_rows) - len(bad)
+
+
+def _error_text(exc: Exception) -> str:
+    text = str(exc).strip()
+    for prefix in ("INTERNAL: ", "IO: ", "INVALID_ARGUMENT: "):
+        text = text.removeprefix(prefix)
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _data_names(spec: TableSpec) -> list[str]:
+    stamps = [stamp_column(c.name) for c in spec.data_columns] if spec.field_wise else []
+    return [*[c.name for c in spec.data_columns], HLC, NODE, BASE_HLC, *stamps, ORIGIN]
+
+
+def _insert_rows(cur: Any, spec: TableSpec, rows: pa.Table) -> None:
+    # Straight into the table with binary COPY; `_cursor` takes its default, this
+    # transaction's id, and the capture triggers stand aside while applying.
+    cur.adbc_ingest(spec.name, rows, mode="append")
+
+
+def _update_rows(cur: Any, spec: TableSpec, rows: pa.Table) -> None:
+    _stage(cur, spec, rows)
+    k = qi(spec.key)
+    sets = ", ".join(f"{qi(c)} = s.{qi(c)}" for c in _data_names(spec))
+    cur.execute(
+        f"UPDATE {qi(spec.name)} t SET {sets}, _cursor = pg_current_xact_id() FROM {STAGE} s WHERE t.{k} = s.{k}"
+    )
+
+
+def _delete_rows(cur: Any, spec: TableSpec, rows: pa.Table) -> None:
+    k = qi(spec.key)
+    cur.execute(f"DROP TABLE IF EXISTS {STAGE}")
+    cur.execute(
+        f"CREATE TEMP TABLE {STAGE} ON COMMIT DROP AS SELECT {k}, _hlc, _node, _base_hlc, _origin "
+        f"FROM {tomb_table(spec)} WITH NO DATA"
+    )
+    cur.adbc_ingest(STAGE, rows, mode="append", temporary=True)
+    cur.execute(f"DELETE FROM {qi(spec.name)} t USING {STAGE} s WHERE t.{k} = s.{k}")
+    cur.execute(
+        f"INSERT INTO {tomb_table(spec)} AS t ({k}, _hlc, _node, _base_hlc, _origin) "
+        f"SELECT {k}, _hlc, _node, _base_hlc, _origin FROM {STAGE} "
+        f"ON CONFLICT ({k}) DO UPDATE SET _cursor = pg_current_xact_id(), _hlc = EXCLUDED._hlc, "
+        "_node = EXCLUDED._node, _base_hlc = EXCLUDED._base_hlc, _origin = EXCLUDED._origin"
+    )
+
+
+# ----------------------------------------------------------------------------- logs
+
+
+def _log_conflicts(cur: Any, spec: TableSpec, plan: ApplyPlan, peer: str | None) -> int:
+    c = plan.conflicts
+    if c.num_rows == 0:
+        return 0
+    table = pa.table(
+        {
+            "key": pa.array(key_texts(spec, c.column(spec.key)), pa.string()),
+            "loser_hlc": c.column(HLC),
+            "loser_node": c.column(NODE),
+            "winner_hlc": c.column("_winner_hlc"),
+            "winner_node": c.column("_winner_node"),
+            "lost": pa.array([json.dumps(v) for v in c.column("_lost_columns").to_pylist()], pa.string()),
+            "row_data": pa.array(rows_as_json(spec, c), pa.string()),
+        }
+    )
+    cur.execute("DROP TABLE IF EXISTS _tidesync_conflicts")
+    cur.execute(
+        "CREATE TEMP TABLE _tidesync_conflicts (key text, loser_hlc bigint, loser_node text, winner_hlc bigint, "
+        "winner_node text, lost text, row_data text) ON COMMIT DROP"
+    )
+    cur.adbc_ingest("_tidesync_conflicts", table, mode="append", temporary=True)
+    cur.execute(
+        f"INSERT INTO {SCHEMA}.conflicts (table_name, key, loser_hlc, loser_node, winner_hlc, winner_node, "
+        "lost_columns, loser_row, peer) "
+        f"SELECT {ql(spec.name)}, key, loser_hlc, loser_node, winner_hlc, winner_node, "
+        "ARRAY(SELECT jsonb_array_elements_text(lost::jsonb)), row_data::jsonb, "
+        f"{'NULL' if peer is None else ql(peer)} FROM _tidesync_conflicts"
+    )
+    return int(c.num_rows)
+
+
+def _quarantine(cur: Any, spec: TableSpec, rows: pa.Table, reasons: list[tuple[str, int]], peer: str | None) -> None:
+    """Record rejected versions with the reason (rare path: a few rows, for people to read)."""
+    key_col = rows.column(spec.key)
+    keys: list[str | None] = [None] * rows.num_rows
+    if key_col.null_count == 0:
+        keys = list(key_texts(spec, key_col))
+    else:
+        for i, v in enumerate(key_col.to_pylist()):
+            if v is not None:
+                keys[i] = key_texts(spec, pa.array([v], key_col.type))[0]
+    table = pa.table(
+        {
+            "key": pa.array(keys, pa.string()),
+            "hlc": rows.column(HLC),
+            "node": rows.column(NODE),
+            "row_data": pa.array(rows_as_json(spec, rows), pa.string()),
+            "reason": pa.array([r for r, _ in reasons], pa.string()),
+        }
+    )
+    cur.execute("DROP TABLE IF EXISTS _tidesync_quarantine")
+    cur.execute(
+        "CREATE TEMP TABLE _tidesync_quarantine (key text, hlc bigint, node text, row_data text, reason text) "
+        "ON COMMIT DROP"
+    )
+    cur.adbc_ingest("_tidesync_quarantine", table, mode="append", temporary=True)
+    cur.execute(
+        f"INSERT INTO {SCHEMA}.quarantine (table_name, key, hlc, node, row_data, reason, peer) "
+        f"SELECT {ql(spec.name)}, key, hlc, node, row_data::jsonb, reason, {'NULL' if peer is None else ql(peer)} "
+        "FROM _tidesync_quarantine"
+    )

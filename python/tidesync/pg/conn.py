@@ -1,0 +1,106 @@
+"""Connections to PostgreSQL through ADBC: Arrow in, Arrow out, over libpq.
+
+ADBC's PostgreSQL driver reads query results into Arrow with binary ``COPY`` and
+ingests Arrow with binary ``COPY``, so rows never become Python objects. One
+connection carries a whole apply transaction.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import adbc_driver_postgresql.dbapi as pg_dbapi
+
+Connection = pg_dbapi.Connection
+
+
+def connect(dsn: str, *, autocommit: bool = True) -> Any:
+    """Open an ADBC DB-API connection (a context manager; closes on exit).
+
+    Autocommit by default: use :func:`transaction` for explicit transactions.
+    """
+    return pg_dbapi.connect(dsn, autocommit=autocommit)
+
+
+def split_sql(script: str) -> list[str]:
+    """Split a SQL script into statements.
+
+    ADBC prepares every statement, and PostgreSQL refuses several commands in one
+    prepared statement, so scripts (DDL files, install) run one statement at a time.
+    Semicolons inside quotes, dollar-quoted bodies and comments do not split.
+    """
+    out: list[str] = []
+    buf: list[str] = []
+    i, n = 0, len(script)
+    while i < n:
+        ch = script[i]
+        if ch == "-" and script.startswith("--", i):
+            j = script.find("\n", i)
+            i = n if j < 0 else j + 1
+            continue
+        if ch == "/" and script.startswith("/*", i):
+            j = script.find("*/", i + 2)
+            i = n if j < 0 else j + 2
+            continue
+        if ch in ("'", '"'):
+            j = i + 1
+            while j < n:
+                if script[j] == ch:
+                    if j + 1 < n and script[j + 1] == ch:  # doubled quote
+                        j += 2
+                        continue
+                    break
+                j += 1
+            buf.append(script[i : j + 1])
+            i = j + 1
+            continue
+        if ch == "$":
+            j = script.find("$", i + 1)
+            tag = script[i : j + 1] if j > 0 else ""
+            if tag and (tag == "$$" or tag[1:-1].replace("_", "a").isalnum()):
+                end = script.find(tag, j + 1)
+                end = n if end < 0 else end + len(tag)
+                buf.append(script[i:end])
+                i = end
+                continue
+        if ch == ";":
+            stmt = "".join(buf).strip()
+            if stmt:
+                out.append(stmt)
+            buf = []
+            i += 1
+            continue
+        buf.append(ch)
+        i += 1
+    stmt = "".join(buf).strip()
+    if stmt:
+        out.append(stmt)
+    return out
+
+
+def execute_script(cur: Any, script: str) -> None:
+    """Run every statement of ``script`` on an ADBC cursor, in order."""
+    for stmt in split_sql(script):
+        cur.execute(stmt)
+
+
+@contextlib.contextmanager
+def transaction(conn: Any, begin: str = "BEGIN") -> Iterator[Any]:
+    """A transaction on an autocommit ADBC connection, driven by plain SQL.
+
+    ADBC's own transaction mode refuses every statement after an error until a full
+    rollback, which rules out savepoints; so stores keep the connection in autocommit
+    and send ``BEGIN`` / ``SAVEPOINT`` / ``COMMIT`` themselves. Yields a cursor;
+    commits on success, rolls back on any exception (including KeyboardInterrupt).
+    """
+    with conn.cursor() as cur:
+        cur.execute(begin)
+        try:
+            yield cur
+        except BaseException:
+            with contextlib.suppress(Exception):
+                cur.execute("ROLLBACK")
+            raise
+        cur.execute("COMMIT")

@@ -1,0 +1,104 @@
+"""``PostgresStore``: a facility or central server's database as a sync store."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import pyarrow as pa
+
+from tidesync.changes import ApplyResult, Window
+from tidesync.errors import SyncError
+from tidesync.pg import apply as _apply
+from tidesync.pg import capture, install
+from tidesync.pg.conn import connect
+from tidesync.pg.install import SCHEMA, ql
+from tidesync.registry import Registry
+
+
+class NotInstalledError(SyncError):
+    """tidesync is not installed in this database; run `tidesync schema install` first."""
+
+
+class PostgresStore:
+    """One PostgreSQL database holding synced tables (see :class:`tidesync.store.Store`).
+
+    Holds one ADBC connection; not for use from several threads at once.
+    """
+
+    def __init__(self, dsn: str, registry: Registry) -> None:
+        self.dsn = dsn
+        self.registry = registry
+        self._conn: Any = connect(dsn)
+
+    def close(self) -> None:
+        self._conn.close()
+
+    def __enter__(self) -> PostgresStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def connection(self) -> Any:
+        """The ADBC connection (autocommit; transactions are explicit SQL)."""
+        return self._conn
+
+    def create_app_tables(self) -> None:
+        """Create the registry's application tables from its shipped DDL (demo schema only)."""
+        from tidesync.pg.conn import execute_script
+        from tidesync.schemas.demo import app_ddl
+
+        if self.registry.name != "demo":
+            raise SyncError(f"no shipped DDL for registry {self.registry.name!r}: create the tables yourself")
+        with self._conn.cursor() as cur:
+            execute_script(cur, app_ddl("postgres"))
+
+    def install(self, node_id: str) -> None:
+        install.install(self._conn, self.registry, node_id)
+
+    def uninstall(self) -> None:
+        install.uninstall(self._conn, self.registry)
+
+    def node_id(self) -> str:
+        with self._conn.cursor() as cur:
+            node = install.installed_node(cur)
+        if node is None:
+            raise NotInstalledError(f"tidesync is not installed in {self.dsn}: run `tidesync schema install`")
+        return node
+
+    def read_window(self, cursor: int, *, peer: str | None = None, tables: Iterable[str] | None = None) -> Window:
+        return capture.read_window(self._conn, self.registry, cursor, peer=peer, tables=tables)
+
+    def apply(
+        self, batches: Mapping[str, Any], *, peer: str | None, cursor: tuple[str, int] | None = None
+    ) -> ApplyResult:
+        return _apply.apply_changes(self._conn, self.registry, batches, peer=peer, cursor=cursor)
+
+    def get_cursor(self, name: str) -> int:
+        rows = self._query(f"SELECT value FROM {SCHEMA}.cursors WHERE name = {ql(name)}")
+        return int(rows.column(0)[0].as_py()) if rows.num_rows else 0
+
+    def set_cursor(self, name: str, value: int) -> None:
+        with self._conn.cursor() as cur:
+            _apply._save_cursor(cur, name, value)
+
+    def conflicts(self, table: str | None = None) -> pa.Table:
+        where = "" if table is None else f" WHERE table_name = {ql(table)}"
+        return self._query(
+            "SELECT id, table_name, key, loser_hlc, loser_node, winner_hlc, winner_node, lost_columns, "
+            f"loser_row::text AS loser_row, peer, recorded_at FROM {SCHEMA}.conflicts{where} ORDER BY id"
+        )
+
+    def quarantine(self, table: str | None = None) -> pa.Table:
+        where = "" if table is None else f" WHERE table_name = {ql(table)}"
+        return self._query(
+            "SELECT id, table_name, key, hlc, node, row_data::text AS row_data, reason, peer, recorded_at "
+            f"FROM {SCHEMA}.quarantine{where} ORDER BY id"
+        )
+
+    def _query(self, sql: str) -> pa.Table:
+        with self._conn.cursor() as cur:
+            cur.execute(sql)
+            return cur.fetch_arrow_table()

@@ -1,0 +1,61 @@
+"""The interface every node database offers the sync engine (PostgreSQL and SQLite).
+
+A store knows its registry, installs and removes the engine's metadata, hands out
+windows of changes, applies incoming change batches atomically, and keeps cursors,
+the conflict log and the quarantine. ``tidesync.pg.PostgresStore`` (facility and
+central servers) and ``tidesync.sqlite.SQLiteStore`` (mobile devices) implement it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Protocol
+
+import pyarrow as pa
+
+from tidesync.changes import ApplyResult, Window
+from tidesync.registry import Registry
+
+
+class Store(Protocol):
+    registry: Registry
+
+    def install(self, node_id: str) -> None:
+        """Add metadata columns, triggers, tombstones and bookkeeping. Idempotent."""
+
+    def uninstall(self) -> None:
+        """Remove everything ``install`` added; application data stays as it is."""
+
+    def node_id(self) -> str:
+        """The id this node stamps its versions with."""
+
+    def read_window(self, cursor: int, *, peer: str | None = None, tables: Iterable[str] | None = None) -> Window:
+        """Every change in ``[cursor, watermark)``, per table in foreign-key order.
+
+        Versions that arrived from ``peer`` are left out (no echo). The next window
+        starts at the returned watermark; no committed change is ever skipped.
+        """
+
+    def apply(
+        self,
+        batches: Mapping[str, pa.Table],
+        *,
+        peer: str | None,
+        cursor: tuple[str, int] | None = None,
+    ) -> ApplyResult:
+        """Merge and write incoming change batches in one transaction.
+
+        Conflicts go to the conflict log, rows the database rejects to the quarantine;
+        ``cursor=(name, value)`` is saved in the same transaction.
+        """
+
+    def get_cursor(self, name: str) -> int:
+        """A saved cursor (0 if never saved)."""
+
+    def set_cursor(self, name: str, value: int) -> None: ...
+
+    def conflicts(self, table: str | None = None) -> pa.Table:
+        """The conflict log: table, key, loser and winner stamps, lost columns, losing row (JSON)."""
+
+    def quarantine(self, table: str | None = None) -> pa.Table:
+        """Rows that could not be written: table, key, row (JSON), reason, peer."""

@@ -1,0 +1,188 @@
+"""Apply on PostgreSQL: merge in Rust, set-based writes, conflicts, quarantine, atomicity."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+import uuid
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pytest
+
+from tidesync import SchemaMismatchError
+from tidesync.pg import PostgresStore
+
+from .util import new_id, one, rows, run, seed_encounter, seed_patient
+
+
+def test_apply_inserts_updates_and_deletes(make_demo_store) -> None:  # type: ignore[no-untyped-def]
+    a: PostgresStore = make_demo_store("facility-a")
+    central: PostgresStore = make_demo_store("central")
+    pid = seed_patient(a.dsn)
+    seed_encounter(a.dsn, pid, vitals=3)
+    w1 = a.read_window(0)
+    r1 = central.apply(w1.tables, peer="facility-a", cursor=("facility-a", w1.watermark))
+    assert r1.total("inserted") == w1.rows == 7
+    assert central.get_cursor("facility-a") == w1.watermark
+    assert one(central.dsn, "SELECT count(*) FROM vitals") == 3
+    # Applying the same window again changes nothing (pages are idempotent).
+    again = central.apply(w1.tables, peer="facility-a")
+    assert again.total("inserted") == again.total("updated") == 0 and again.total("unchanged") == 7
+
+    run(a.dsn, "UPDATE vitals SET heart_rate = 99 WHERE heart_rate = 70",
+        "DELETE FROM vitals WHERE heart_rate = 71")  # fmt: skip
+    w2 = a.read_window(w1.watermark)
+    r2 = central.apply(w2.tables, peer="facility-a")
+    assert (r2.tables["vitals"].updated, r2.tables["vitals"].deleted) == (1, 1)
+    assert sorted(r[0] for r in rows(central.dsn, "SELECT heart_rate FROM vitals")) == [72, 99]
+    # The delete is a tombstone at central too, so it travels on to other nodes.
+    other = central.read_window(0, peer="facility-b").tables["vitals"]
+    assert pc.sum(other.column("_deleted").cast(pa.int64())).as_py() == 1
+    # Stamps arrive as they were written; the applied rows are marked as from facility-a.
+    assert one(central.dsn, "SELECT count(*) FROM vitals WHERE _node = 'facility-a' AND _origin = 'facility-a'") == 2
+
+
+def test_field_wise_concurrent_edits_merge_and_log_the_loser(make_demo_store) -> None:  # type: ignore[no-untyped-def]
+    central: PostgresStore = make_demo_store("central")
+    a: PostgresStore = make_demo_store("facility-a")
+    b: PostgresStore = make_demo_store("facility-b")
+    pid = seed_patient(central.dsn)  # registered centrally, synced out to both clinics
+    start = central.read_window(0)
+    a.apply(start.tables, peer="central")
+    b.apply(start.tables, peer="central")
+    base = a.read_window(0, peer="central")
+    assert base.rows == 0
+    # Offline: A edits the names, B edits the first name differently and the sex.
+    run(a.dsn, f"UPDATE patients SET first_name = 'Anna', last_name = 'Leigh' WHERE id = '{pid}'")
+    time.sleep(0.002)
+    run(b.dsn, f"UPDATE patients SET first_name = 'Annie', sex = 'female' WHERE id = '{pid}'")
+    wa, wb = a.read_window(base.watermark), b.read_window(0, peer="central")
+    ra = a.apply(wb.tables, peer="facility-b")
+    b.apply(wa.tables, peer="facility-a")
+    q = f"SELECT first_name, last_name, sex FROM patients WHERE id = '{pid}'"
+    assert rows(a.dsn, q) == rows(b.dsn, q) == [("Annie", "Leigh", "female")]
+    assert ra.tables["patients"].conflicts == 1
+    log = a.conflicts("patients").to_pylist()
+    assert len(log) == 1 and log[0]["lost_columns"] == ["first_name"] and log[0]["key"] == pid
+    assert json.loads(log[0]["loser_row"])["first_name"] == "Anna"
+    # The merged row mixes both sides, so A has a version B has not seen... and B
+    # merged to the same row, so sending it over changes nothing there.
+    again = b.apply(a.read_window(0, peer="facility-b").tables, peer="facility-a")
+    assert again.total("updated") == 0
+
+
+def test_bad_rows_are_quarantined_and_the_rest_applies(make_demo_store) -> None:  # type: ignore[no-untyped-def]
+    a: PostgresStore = make_demo_store("facility-a")
+    central: PostgresStore = make_demo_store("central")
+    pid = seed_patient(a.dsn)
+    seed_encounter(a.dsn, pid, vitals=4)
+    w = a.read_window(0)
+    vitals = w.tables["vitals"]
+    temp = vitals.column("temperature_c").to_pylist()
+    temp[0] = 99.0  # violates CHECK (temperature_c BETWEEN 25 AND 45)
+    enc = vitals.column("encounter_id").to_pylist()
+    enc[1] = uuid.uuid4().bytes  # an encounter that exists nowhere: foreign key violation
+    vitals = vitals.set_column(vitals.schema.get_field_index("temperature_c"), "temperature_c", pa.array(temp))
+    vitals = vitals.set_column(vitals.schema.get_field_index("encounter_id"), "encounter_id",
+                               pa.array(enc, pa.binary(16)))  # fmt: skip
+    tables = {**w.tables, "vitals": vitals}
+    result = central.apply(tables, peer="facility-a", cursor=("facility-a", w.watermark))
+    assert result.tables["vitals"].inserted == 2 and result.tables["vitals"].quarantined == 2
+    assert result.tables["patients"].inserted == 1 and result.tables["encounters"].inserted == 1
+    assert one(central.dsn, "SELECT count(*) FROM vitals") == 2
+    q = central.quarantine("vitals").to_pylist()
+    reasons = sorted(r["reason"] for r in q)
+    assert any("vitals_temperature_c_check" in r for r in reasons), reasons
+    assert any("foreign key" in r for r in reasons), reasons
+    assert {json.loads(r["row_data"])["id"] for r in q} == {str(uuid.UUID(bytes=v)) for v in
+                                                            vitals.column("id").to_pylist()[:2]}  # fmt: skip
+    assert central.get_cursor("facility-a") == w.watermark  # the sync moved on
+
+
+def test_wrong_schema_or_unknown_table_applies_nothing(make_demo_store) -> None:  # type: ignore[no-untyped-def]
+    a: PostgresStore = make_demo_store("facility-a")
+    central: PostgresStore = make_demo_store("central")
+    seed_patient(a.dsn)
+    w = a.read_window(0)
+    with pytest.raises(SchemaMismatchError, match="unknown tables \\['prescriptions'\\]"):
+        central.apply({**w.tables, "prescriptions": pa.table({"id": [1]})}, peer="facility-a")
+    broken = w.tables["patients"].drop_columns(["last_name"])
+    with pytest.raises(SchemaMismatchError, match="missing columns \\['last_name'\\]"):
+        central.apply({**w.tables, "patients": broken}, peer="facility-a")
+    wrong = w.tables["patients"].set_column(4, "last_name", pa.array([[1]]))
+    with pytest.raises(SchemaMismatchError, match="last_name"):
+        central.apply({**w.tables, "patients": wrong}, peer="facility-a")
+    assert one(central.dsn, "SELECT count(*) FROM patients") == 0
+    assert one(central.dsn, "SELECT count(*) FROM reference_data") == 0
+
+
+_KILLED_APPLY = textwrap.dedent(
+    """
+    import sys, uuid
+    import pyarrow as pa
+    from tidesync.pg import PostgresStore
+    from tidesync.schemas.demo import REGISTRY
+    n = int(sys.argv[2])
+    spec = REGISTRY["reference_data"]
+    ids = pa.array([uuid.uuid4().bytes for _ in range(n)], pa.binary(16))
+    batch = pa.table({
+        "id": ids, "type": pa.repeat("drug", n), "code": pa.repeat("c", n),
+        "name": pa.repeat("x" * 200, n), "visibility": pa.repeat("current", n),
+        "_hlc": pa.repeat(pa.scalar(1 << 40, pa.int64()), n), "_node": pa.repeat("central", n),
+        "_base_hlc": pa.nulls(n, pa.int64()), "_deleted": pa.repeat(False, n),
+    })
+    store = PostgresStore(sys.argv[1], REGISTRY)
+    print("applying", flush=True)
+    store.apply({"reference_data": batch}, peer="central", cursor=("central", 12345))
+    print("done", flush=True)
+    """
+)
+
+
+def test_apply_is_atomic_when_the_process_is_killed(demo_store: PostgresStore) -> None:
+    dsn = demo_store.dsn
+    n = 400_000
+    proc = subprocess.Popen([sys.executable, "-c", _KILLED_APPLY, dsn, str(n)], stdout=subprocess.PIPE, text=True,
+                            env={**os.environ})  # fmt: skip
+    assert proc.stdout is not None
+    assert proc.stdout.readline().strip() == "applying"
+    # Wait until the apply is writing (its COPY is running), then kill it outright.
+    deadline = time.monotonic() + 30
+    while one(dsn, "SELECT count(*) FROM pg_stat_activity WHERE query ILIKE 'COPY%' AND state = 'active'") == 0:
+        assert time.monotonic() < deadline, "the apply never started writing"
+        assert proc.poll() is None, "the apply finished before it could be killed; use a bigger batch"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    proc.stdout.close()
+    assert proc.returncode == -signal.SIGKILL
+    # Nothing of the transaction is visible: no rows, no cursor.
+    assert one(dsn, "SELECT count(*) FROM reference_data") == 0
+    assert demo_store.get_cursor("central") == 0
+    # And the same apply run to the end is complete, rows and cursor together.
+    done = subprocess.run([sys.executable, "-c", _KILLED_APPLY, dsn, "1000"], capture_output=True, text=True,
+                          check=True)  # fmt: skip
+    assert done.stdout.split() == ["applying", "done"]
+    assert one(dsn, "SELECT count(*) FROM reference_data") == 1000
+    assert demo_store.get_cursor("central") == 12345
+
+
+def test_a_local_edit_during_apply_is_not_lost(make_demo_store) -> None:  # type: ignore[no-untyped-def]
+    a: PostgresStore = make_demo_store("facility-a")
+    central: PostgresStore = make_demo_store("central")
+    pid = seed_patient(central.dsn)
+    w = central.read_window(0)
+    a.apply(w.tables, peer="central")
+    run(central.dsn, f"UPDATE patients SET last_name = 'Central' WHERE id = '{pid}'")
+    run(a.dsn, f"UPDATE patients SET first_name = 'Local' WHERE id = '{pid}'")
+    a.apply(central.read_window(w.watermark).tables, peer="central")
+    assert rows(a.dsn, f"SELECT first_name, last_name FROM patients WHERE id = '{pid}'") == [("Local", "Central")]
+    # The merged row holds a local edit central has not seen: it is not marked as from central.
+    assert one(a.dsn, f"SELECT _origin IS NULL FROM patients WHERE id = '{pid}'") is True
+    assert a.read_window(0, peer="central").tables["patients"].num_rows == 1
+    _ = new_id
