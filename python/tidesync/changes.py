@@ -147,7 +147,8 @@ def plan_apply(spec: TableSpec, local: pa.Table, incoming: pa.Table, peer: str |
     key = spec.key
     result = merge(local, incoming, key, spec.merge)
     rows = result.rows
-    origin = _origins(spec, rows, incoming, peer)
+    distinct = _distinct_count(incoming.column(key))
+    origin = _origins(spec, rows, incoming, peer, unique=distinct == incoming.num_rows)
     deleted = rows.column(DELETED)
     live_mask = pc.invert(deleted)
     local_live = local.filter(pc.invert(local.column(DELETED))).column(key)
@@ -162,7 +163,7 @@ def plan_apply(spec: TableSpec, local: pa.Table, incoming: pa.Table, peer: str |
     meta = [key, HLC, NODE, BASE_HLC, ORIGIN]
     deletes = out.filter(deleted).select(meta)
     revived = pc.filter(inserts.column(key), pc.is_in(inserts.column(key), value_set=local_dead)).combine_chunks()
-    unchanged = _distinct_count(incoming.column(key)) - rows.num_rows
+    unchanged = distinct - rows.num_rows
     return ApplyPlan(spec, inserts, updates, deletes, revived, result.conflicts, max(unchanged, 0))
 
 
@@ -170,7 +171,7 @@ def _distinct_count(col: pa.ChunkedArray) -> int:
     return int(pc.count_distinct(_storage(col)).as_py())
 
 
-def _origins(spec: TableSpec, rows: pa.Table, incoming: pa.Table, peer: str | None) -> pa.Array:
+def _origins(spec: TableSpec, rows: pa.Table, incoming: pa.Table, peer: str | None, *, unique: bool) -> pa.Array:
     """``peer`` for rows identical to a version the peer sent, null for the rest."""
     n = rows.num_rows
     if peer is None or n == 0:
@@ -178,7 +179,7 @@ def _origins(spec: TableSpec, rows: pa.Table, incoming: pa.Table, peer: str | No
     if not spec.field_wise:
         # Record mode: a merged row that differs from the local row is an incoming version.
         return pa.repeat(pa.scalar(peer, pa.string()), n)
-    if _distinct_count(incoming.column(spec.key)) != incoming.num_rows:
+    if not unique:
         # Several versions of a key in one batch (rare): echoing is harmless, skip the check.
         return pa.nulls(n, pa.string())
     from tidesync.core import diff

@@ -58,18 +58,26 @@ def version() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON on stdout.")
 @click.option(
     "--only",
-    type=click.Choice(["diff", "merge", "digest", "hlc"]),
+    type=click.Choice(["diff", "merge", "digest", "hlc", "window", "apply", "triggers"]),
     multiple=True,
     help="Run only this benchmark (repeatable).",
 )
-def bench(rows: int, repeats: int, as_json: bool, only: tuple[str, ...]) -> None:
-    """Time the native core against DuckDB, polars, pyarrow, xxhash/blake3 and the Python reference."""
+@click.option("--db", default=None, help="PostgreSQL DSN for the store benchmarks (default: a throwaway cluster).")
+def bench(rows: int, repeats: int, as_json: bool, only: tuple[str, ...], db: str | None) -> None:
+    """Time the core and the PostgreSQL store against DuckDB, polars, COPY, MERGE and the Python reference."""
     from rich.console import Console
 
-    from tidesync.bench.core_bench import machine_info, run_core_bench
+    from tidesync.bench import core_bench, store_bench
 
     console = Console(stderr=as_json)
-    results = run_core_bench(rows, repeats, console, only=only or None, show_table=not as_json)
+    core = [s for s in only if s in core_bench.SECTIONS] if only else list(core_bench.SECTIONS)
+    store = [s for s in only if s in store_bench.SECTIONS] if only else list(store_bench.SECTIONS)
+    results = []
+    if core:
+        results += core_bench.run_core_bench(rows, repeats, console, only=core, show_table=not as_json)
+    if store:
+        results += store_bench.run_store_bench(rows, repeats, console, only=store, dsn=db, show_table=not as_json)
+    machine_info = core_bench.machine_info
     if as_json:
         out = {"rows": rows, "repeats": repeats, "machine": machine_info(), "results": results}
         click.echo(json.dumps(out, indent=2))

@@ -612,7 +612,7 @@ def format_cells(row: Row) -> dict[str, str]:
 
 
 def render_table(results: Sequence[Row], *, repeats: int | None = None) -> Table:
-    title = "tidesync core benchmarks" + (f" (medians of {repeats} runs)" if repeats else "")
+    title = "tidesync benchmarks" + (f" (medians of {repeats} runs)" if repeats else "")
     table = Table(title=title, caption="ratio = how many times faster tidesync is per row than the baseline")
     table.add_column("benchmark")
     table.add_column("baseline")

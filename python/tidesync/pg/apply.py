@@ -39,6 +39,8 @@ from tidesync.pg.install import APPLYING_GUC, SCHEMA, qi, ql, tomb_table
 from tidesync.registry import BASE_HLC, DELETED, HLC, NODE, Registry, TableSpec, stamp_column
 
 KEYS = "_tidesync_keys"
+#: Above this many incoming keys, apply locks the table against writers instead of rows.
+ROW_LOCK_LIMIT = 50_000
 STAGE = "_tidesync_stage"
 
 
@@ -127,6 +129,7 @@ def _stage(cur: Any, spec: TableSpec, table: pa.Table, *, key_only: bool = False
         )
     if table.num_rows:
         cur.adbc_ingest(name, table, mode="append", temporary=True)
+        cur.execute(f"ANALYZE {name}")  # temp tables have no statistics; the joins need them
 
 
 def _read_local(cur: Any, spec: TableSpec, keys: pa.ChunkedArray) -> pa.Table:
@@ -135,11 +138,18 @@ def _read_local(cur: Any, spec: TableSpec, keys: pa.ChunkedArray) -> pa.Table:
     k = qi(spec.key)
     cols = [f"t.{qi(c.name)}" for c in spec.columns]
     stamps = [f"t.{qi(stamp_column(c.name))}" for c in spec.data_columns] if spec.field_wise else []
-    # FOR UPDATE: an application write to one of these rows waits for this transaction,
-    # so what we merged against is what we overwrite.
+    # What we merge against must be what we overwrite: an application write to one of
+    # these rows has to wait for this transaction. Small batches lock just their rows;
+    # a bulk apply locks the table against writers (readers go on), which is far cheaper
+    # than marking a million rows locked one by one.
+    if len(keys) > ROW_LOCK_LIMIT:
+        cur.execute(f"LOCK TABLE {qi(spec.name)} IN SHARE ROW EXCLUSIVE MODE")
+        lock = ""
+    else:
+        lock = " FOR UPDATE OF t"
     cur.execute(
         f"SELECT {', '.join([*cols, 't._hlc', 't._node', 't._base_hlc', f'false AS {DELETED}', *stamps])} "
-        f"FROM {qi(spec.name)} t JOIN {KEYS} k ON t.{k} = k.{k} FOR UPDATE OF t"
+        f"FROM {qi(spec.name)} t JOIN {KEYS} k ON t.{k} = k.{k}{lock}"
     )
     live = conform(cur.fetch_arrow_table(), spec, "local rows")
     dead_cols = [f"t.{k}" if c.name == spec.key else f"NULL::{c.type.pg}" for c in spec.columns]
