@@ -148,7 +148,7 @@ def plan_apply(spec: TableSpec, local: pa.Table, incoming: pa.Table, peer: str |
     result = merge(local, incoming, key, spec.merge)
     rows = result.rows
     distinct = _distinct_count(incoming.column(key))
-    origin = _origins(spec, rows, incoming, peer, unique=distinct == incoming.num_rows)
+    origin = _origins(spec, rows, incoming, local, peer, unique=distinct == incoming.num_rows)
     deleted = rows.column(DELETED)
     live_mask = pc.invert(deleted)
     local_live = local.filter(pc.invert(local.column(DELETED))).column(key)
@@ -171,7 +171,9 @@ def _distinct_count(col: pa.ChunkedArray) -> int:
     return int(pc.count_distinct(_storage(col)).as_py())
 
 
-def _origins(spec: TableSpec, rows: pa.Table, incoming: pa.Table, peer: str | None, *, unique: bool) -> pa.Array:
+def _origins(
+    spec: TableSpec, rows: pa.Table, incoming: pa.Table, local: pa.Table, peer: str | None, *, unique: bool
+) -> pa.Array:
     """``peer`` for rows identical to a version the peer sent, null for the rest."""
     n = rows.num_rows
     if peer is None or n == 0:
@@ -182,12 +184,17 @@ def _origins(spec: TableSpec, rows: pa.Table, incoming: pa.Table, peer: str | No
     if not unique:
         # Several versions of a key in one batch (rare): echoing is harmless, skip the check.
         return pa.nulls(n, pa.string())
+    if local.num_rows == 0:
+        # Nothing local to mix in: each merged row is the one version the peer sent.
+        return pa.repeat(pa.scalar(peer, pa.string()), n)
     from tidesync.core import diff
 
-    sent = incoming.filter(pc.is_in(incoming.column(spec.key), value_set=rows.column(spec.key).combine_chunks()))
-    # Align row order with `rows` is not needed: diff matches by key.
-    changed = diff(sent, rows, spec.key).updated.column(spec.key).combine_chunks()
-    same = pc.invert(pc.is_in(rows.column(spec.key), value_set=changed))
+    # Only keys that had a local version can have merged into something new.
+    key = spec.key
+    mixed = rows.filter(pc.is_in(rows.column(key), value_set=local.column(key).combine_chunks()))
+    sent = incoming.filter(pc.is_in(incoming.column(key), value_set=mixed.column(key).combine_chunks()))
+    changed = diff(sent, mixed, key).updated.column(key).combine_chunks()
+    same = pc.invert(pc.is_in(rows.column(key), value_set=changed))
     return pc.if_else(same, pa.scalar(peer, pa.string()), pa.scalar(None, pa.string()))
 
 

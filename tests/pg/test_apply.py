@@ -186,3 +186,20 @@ def test_a_local_edit_during_apply_is_not_lost(make_demo_store) -> None:  # type
     assert one(a.dsn, f"SELECT _origin IS NULL FROM patients WHERE id = '{pid}'") is True
     assert a.read_window(0, peer="central").tables["patients"].num_rows == 1
     _ = new_id
+
+
+def test_bulk_path_locks_the_table_and_applies_the_same(make_demo_store, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    import tidesync.pg.apply as pg_apply
+
+    monkeypatch.setattr(pg_apply, "ROW_LOCK_LIMIT", 1)  # every batch takes the bulk path
+    a: PostgresStore = make_demo_store("facility-a")
+    central: PostgresStore = make_demo_store("central")
+    pid = seed_patient(a.dsn)
+    seed_encounter(a.dsn, pid, vitals=3)
+    w1 = a.read_window(0)
+    assert central.apply(w1.tables, peer="facility-a").total("inserted") == 7  # empty tables: nothing read
+    run(a.dsn, "UPDATE vitals SET heart_rate = heart_rate + 100", "DELETE FROM vitals WHERE heart_rate = 171")
+    seed_encounter(a.dsn, pid, vitals=1)
+    r = central.apply(a.read_window(w1.watermark).tables, peer="facility-a")
+    assert (r.tables["vitals"].inserted, r.tables["vitals"].updated, r.tables["vitals"].deleted) == (1, 2, 1)
+    assert sorted(x[0] for x in rows(central.dsn, "SELECT heart_rate FROM vitals")) == [70, 170, 172]

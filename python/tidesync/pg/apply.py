@@ -134,19 +134,21 @@ def _stage(cur: Any, spec: TableSpec, table: pa.Table, *, key_only: bool = False
 
 def _read_local(cur: Any, spec: TableSpec, keys: pa.ChunkedArray) -> pa.Table:
     """The local versions of ``keys`` in the wire schema: live rows (locked), else tombstones."""
-    _stage(cur, spec, pa.table({spec.key: pc.unique(keys.combine_chunks())}), key_only=True)
     k = qi(spec.key)
+    if len(keys) > ROW_LOCK_LIMIT:
+        cur.execute(f"LOCK TABLE {qi(spec.name)} IN SHARE ROW EXCLUSIVE MODE")
+        # A bulk load into an empty table (seeding, a first sync) has nothing to read.
+        cur.execute(f"SELECT EXISTS (SELECT 1 FROM {qi(spec.name)}) OR EXISTS (SELECT 1 FROM {tomb_table(spec)})")
+        if not cur.fetchone()[0]:
+            return spec.wire_schema().empty_table()
+    _stage(cur, spec, pa.table({spec.key: pc.unique(keys.combine_chunks())}), key_only=True)
     cols = [f"t.{qi(c.name)}" for c in spec.columns]
     stamps = [f"t.{qi(stamp_column(c.name))}" for c in spec.data_columns] if spec.field_wise else []
     # What we merge against must be what we overwrite: an application write to one of
     # these rows has to wait for this transaction. Small batches lock just their rows;
     # a bulk apply locks the table against writers (readers go on), which is far cheaper
     # than marking a million rows locked one by one.
-    if len(keys) > ROW_LOCK_LIMIT:
-        cur.execute(f"LOCK TABLE {qi(spec.name)} IN SHARE ROW EXCLUSIVE MODE")
-        lock = ""
-    else:
-        lock = " FOR UPDATE OF t"
+    lock = "" if len(keys) > ROW_LOCK_LIMIT else " FOR UPDATE OF t"
     cur.execute(
         f"SELECT {', '.join([*cols, 't._hlc', 't._node', 't._base_hlc', f'false AS {DELETED}', *stamps])} "
         f"FROM {qi(spec.name)} t JOIN {KEYS} k ON t.{k} = k.{k}{lock}"
