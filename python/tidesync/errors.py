@@ -19,6 +19,10 @@ class AuthError(SyncError):
     """A node presented a missing, wrong or revoked token."""
 
 
+class NotInstalledError(SyncError):
+    """tidesync is not installed in this database; run `tidesync schema install` first."""
+
+
 class ProtocolError(SyncError):
     """A peer sent something the sync protocol does not allow (bad page, bad version)."""
 
@@ -28,6 +32,7 @@ __all__ = [
     "ClockSkewError",
     "DuplicateKeyError",
     "InvalidInputError",
+    "NotInstalledError",
     "ProtocolError",
     "SchemaMismatchError",
     "SyncError",

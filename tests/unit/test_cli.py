@@ -54,3 +54,15 @@ def test_schema_install_status_uninstall_on_postgres(pg_db: str) -> None:
     assert gone.returncode == 0, gone.stderr
     missing = run("schema", "status", "--db", pg_db)
     assert missing.returncode == 1 and "not installed" in missing.stderr
+
+
+def test_schema_install_status_uninstall_on_sqlite(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    db = str(tmp_path / "device.sqlite")
+    out = run("schema", "install", "--db", db, "--node-id", "tablet-3", "--create-tables")
+    assert out.returncode == 0, out.stderr
+    assert run("schema", "install", "--db", db, "--node-id", "tablet-3").returncode == 0
+    status = run("schema", "status", "--db", db)
+    assert status.returncode == 0 and "node 'tablet-3'" in status.stdout, status.stderr
+    assert run("schema", "uninstall", "--db", db).returncode == 0
+    missing = run("schema", "status", "--db", db)
+    assert missing.returncode == 1 and "not installed" in missing.stderr

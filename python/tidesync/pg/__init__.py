@@ -1,5 +1,6 @@
 """PostgreSQL nodes (facility and central servers): install, capture, apply."""
 
-from tidesync.pg.store import NotInstalledError, PostgresStore
+from tidesync.errors import NotInstalledError
+from tidesync.pg.store import PostgresStore
 
 __all__ = ["NotInstalledError", "PostgresStore"]

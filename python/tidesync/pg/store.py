@@ -8,16 +8,12 @@ from typing import Any
 import pyarrow as pa
 
 from tidesync.changes import ApplyResult, Window
-from tidesync.errors import SyncError
+from tidesync.errors import NotInstalledError, SyncError
 from tidesync.pg import apply as _apply
 from tidesync.pg import capture, install
 from tidesync.pg.conn import connect
 from tidesync.pg.install import SCHEMA, ql
 from tidesync.registry import Registry
-
-
-class NotInstalledError(SyncError):
-    """tidesync is not installed in this database; run `tidesync schema install` first."""
 
 
 class PostgresStore:

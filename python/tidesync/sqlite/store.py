@@ -1,0 +1,158 @@
+"""``SQLiteStore``: the :class:`tidesync.store.Store` of a mobile device's SQLite file."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from types import TracebackType
+
+import pyarrow as pa
+
+from tidesync.changes import ApplyResult, Window
+from tidesync.errors import NotInstalledError
+from tidesync.registry import LogicalType, Registry
+from tidesync.sqlite import apply as _apply
+from tidesync.sqlite import capture, install, names
+from tidesync.sqlite.conn import Connection, quote
+from tidesync.sqlite.types import from_storage
+
+CONFLICTS_SCHEMA = pa.schema(
+    [
+        ("id", pa.int64()),
+        ("table_name", pa.string()),
+        ("key", pa.string()),
+        ("loser_hlc", pa.int64()),
+        ("loser_node", pa.string()),
+        ("winner_hlc", pa.int64()),
+        ("winner_node", pa.string()),
+        ("lost_columns", pa.list_(pa.string())),
+        ("loser_row", pa.string()),
+        ("peer", pa.string()),
+        ("recorded_at", pa.timestamp("us", "UTC")),
+    ]
+)
+QUARANTINE_SCHEMA = pa.schema(
+    [
+        ("id", pa.int64()),
+        ("table_name", pa.string()),
+        ("key", pa.string()),
+        ("hlc", pa.int64()),
+        ("node", pa.string()),
+        ("row_data", pa.string()),
+        ("reason", pa.string()),
+        ("peer", pa.string()),
+        ("recorded_at", pa.timestamp("us", "UTC")),
+    ]
+)
+
+class SQLiteStore:
+    """A node database in one SQLite file (a phone or tablet: one writer at a time).
+
+    The application keeps using the file with any SQLite library; the store holds its
+    own connection (ADBC, so data moves as Arrow). See docs/sqlite.md.
+    """
+
+    def __init__(self, path: str | Path, registry: Registry, *, busy_timeout_ms: int = 30_000) -> None:
+        self.registry = registry
+        self.path = Path(path)
+        self._conn = Connection(self.path, busy_timeout_ms)
+        self._infos: dict[str, install.TableInfo] | None = None
+
+    # -------------------------------------------------------------------- lifecycle
+
+    def close(self) -> None:
+        self._conn.close()
+
+    def __enter__(self) -> SQLiteStore:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def create_app_tables(self) -> None:
+        """Create the demo application's tables from its shipped DDL (demo schema only)."""
+        import sqlite3
+
+        from tidesync.errors import SyncError
+        from tidesync.schemas.demo import app_ddl
+
+        if self.registry.name != "demo":
+            raise SyncError(f"no shipped DDL for registry {self.registry.name!r}: create the tables yourself")
+        with sqlite3.connect(self.path) as db:  # executescript: the DDL is a multi-statement file
+            db.executescript(app_ddl("sqlite"))
+        db.close()
+
+    def install(self, node_id: str) -> None:
+        """Add metadata columns, triggers, tombstones and bookkeeping. Idempotent."""
+        install.install(self._conn, self.registry, node_id)
+        self._infos = None
+
+    def uninstall(self) -> None:
+        """Remove everything ``install`` added; application data stays as it is."""
+        install.uninstall(self._conn, self.registry)
+        self._infos = None
+
+    def node_id(self) -> str:
+        node = install.installed_node(self._conn)
+        if node is None:
+            raise NotInstalledError(f"tidesync is not installed in {self.path}: run `tidesync schema install` first")
+        return node
+
+    # -------------------------------------------------------------------- changes
+
+    def read_window(self, cursor: int, *, peer: str | None = None, tables: Iterable[str] | None = None) -> Window:
+        """Every change in ``[cursor, watermark)``, per table in foreign-key order."""
+        return capture.read_window(self._conn, self.registry, cursor, peer, tables)
+
+    def apply(
+        self,
+        batches: Mapping[str, pa.Table],
+        *,
+        peer: str | None,
+        cursor: tuple[str, int] | None = None,
+    ) -> ApplyResult:
+        """Merge and write incoming change batches in one transaction."""
+        if self._infos is None:
+            self._infos = {s.name: install.inspect(self._conn, s) for s in self.registry}
+        return _apply.apply(self._conn, self.registry, self._infos, batches, peer, cursor)
+
+    # -------------------------------------------------------------------- bookkeeping
+
+    def get_cursor(self, name: str) -> int:
+        v = self._conn.scalar(f"SELECT value FROM {quote(names.CURSORS)} WHERE name = ?", [name])
+        return 0 if v is None else int(v)
+
+    def set_cursor(self, name: str, value: int) -> None:
+        with self._conn.transaction("IMMEDIATE"):
+            _apply.set_cursor(self._conn, name, value)
+
+    def conflicts(self, table: str | None = None) -> pa.Table:
+        """The conflict log: table, key, loser and winner stamps, lost columns, losing row (JSON)."""
+        return self._log(names.CONFLICTS, CONFLICTS_SCHEMA, table)
+
+    def quarantine(self, table: str | None = None) -> pa.Table:
+        """Rows that could not be written: table, key, row (JSON), reason, peer."""
+        return self._log(names.QUARANTINE, QUARANTINE_SCHEMA, table)
+
+    def _log(self, log: str, schema: pa.Schema, table: str | None) -> pa.Table:
+        sql = f"SELECT {', '.join(quote(f.name) for f in schema)} FROM {quote(log)}"
+        params: list[object] = []
+        if table is not None:
+            sql += " WHERE table_name = ?"
+            params.append(table)
+        raw = self._conn.arrow(sql + " ORDER BY id", params)
+        arrays = []
+        for f, col in zip(schema, raw.columns, strict=True):
+            if f.name == "recorded_at":
+                arrays.append(from_storage(col, LogicalType.TIMESTAMPTZ, f"{log}.{f.name}"))
+            elif f.name == "lost_columns":
+                lists = [json.loads(v) for v in col.to_pylist()]
+                arrays.append(pa.array(lists, f.type))
+            elif col.null_count == len(col):
+                arrays.append(pa.nulls(len(col), f.type))
+            else:
+                arrays.append(col.cast(f.type))
+        return pa.Table.from_arrays(arrays, schema=schema)
