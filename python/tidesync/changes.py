@@ -145,10 +145,16 @@ def plan_apply(spec: TableSpec, local: pa.Table, incoming: pa.Table, peer: str |
     values is a new version (``_origin`` null) that the peer has not seen yet.
     """
     key = spec.key
-    result = merge(local, incoming, key, spec.merge)
-    rows = result.rows
     distinct = _distinct_count(incoming.column(key))
-    origin = _origins(spec, rows, incoming, local, peer, unique=distinct == incoming.num_rows)
+    unique = distinct == incoming.num_rows
+    if local.num_rows == 0 and unique:
+        # Nothing to merge with and one version per key: merge would return the batch
+        # as it is (every row new, no conflicts). A first sync or a bulk load skips it.
+        rows, conflicts = incoming, _no_conflicts(incoming.schema)
+    else:
+        result = merge(local, incoming, key, spec.merge)
+        rows, conflicts = result.rows, result.conflicts
+    origin = _origins(spec, rows, incoming, local, peer, unique=unique)
     deleted = rows.column(DELETED)
     live_mask = pc.invert(deleted)
     local_live = local.filter(pc.invert(local.column(DELETED))).column(key)
@@ -164,7 +170,17 @@ def plan_apply(spec: TableSpec, local: pa.Table, incoming: pa.Table, peer: str |
     deletes = out.filter(deleted).select(meta)
     revived = pc.filter(inserts.column(key), pc.is_in(inserts.column(key), value_set=local_dead)).combine_chunks()
     unchanged = distinct - rows.num_rows
-    return ApplyPlan(spec, inserts, updates, deletes, revived, result.conflicts, max(unchanged, 0))
+    return ApplyPlan(spec, inserts, updates, deletes, revived, conflicts, max(unchanged, 0))
+
+
+def _no_conflicts(schema: pa.Schema) -> pa.Table:
+    """An empty conflict batch (the schema merge gives conflicts)."""
+    extra = [
+        pa.field("_winner_hlc", pa.int64(), nullable=False),
+        pa.field("_winner_node", pa.string(), nullable=False),
+        pa.field("_lost_columns", pa.list_(pa.string()), nullable=False),
+    ]
+    return pa.schema([*schema, *extra]).empty_table()
 
 
 def _distinct_count(col: pa.ChunkedArray) -> int:

@@ -16,6 +16,10 @@ from tidesync.pg.install import SCHEMA, ql
 from tidesync.registry import Registry
 
 
+#: Session memory for apply's staging tables (allocated only as they are used).
+TEMP_BUFFERS = "512MB"
+
+
 class PostgresStore:
     """One PostgreSQL database holding synced tables (see :class:`tidesync.store.Store`).
 
@@ -26,6 +30,11 @@ class PostgresStore:
         self.dsn = dsn
         self.registry = registry
         self._conn: Any = connect(dsn)
+        with self._conn.cursor() as cur:
+            # Apply stages incoming rows in temporary tables, which live in per-session
+            # buffers (8MB by default): a bulk apply would spill them to disk. Only
+            # settable before the session first touches a temporary table.
+            cur.execute(f"SET temp_buffers = '{TEMP_BUFFERS}'")
 
     def close(self) -> None:
         self._conn.close()
