@@ -12,7 +12,8 @@ use std::sync::Arc;
 
 use arrow_array::cast::AsArray;
 use arrow_array::types::*;
-use arrow_array::{Array, ArrayRef, RecordBatch, UInt32Array, UInt64Array};
+use arrow_array::{Array, ArrayRef, ArrowPrimitiveType, OffsetSizeTrait, RecordBatch, UInt32Array, UInt64Array};
+use arrow_buffer::NullBuffer;
 use arrow_schema::{DataType, Field, Schema, TimeUnit};
 use xxhash_rust::xxh3::xxh3_64;
 
@@ -20,8 +21,9 @@ use crate::error::{invalid, CoreError, Result};
 use crate::keys::{check_len, column_index};
 use crate::parallel::{par_ranges, split_by};
 
-/// Rows hashed per slice: big enough to amortize slicing, small enough to stay in cache.
-const SLICE_ROWS: usize = 64 * 1024;
+/// Rows hashed per chunk: the chunk's row hashes and buckets (48 KiB) stay in L1/L2
+/// while every column is folded into them, one tight typed loop per column.
+const CHUNK_ROWS: usize = 4 * 1024;
 /// Each thread gets at least this many rows (below that, one thread is faster).
 const PARALLEL_MIN_ROWS: usize = 64 * 1024;
 
@@ -32,20 +34,17 @@ pub fn digest(batch: &RecordBatch, key: &str, buckets: u32, columns: &[&str]) ->
     let partials = par_ranges(batch.num_rows(), PARALLEL_MIN_ROWS, |start, len| {
         let mut rows = vec![0u64; buckets as usize];
         let mut sums = vec![0u64; buckets as usize];
-        let (mut bucket_of, mut hash) = (Vec::new(), Vec::new());
-        for (s, l) in split_by(start, len, SLICE_ROWS) {
-            input.hash_slice(s, l, &mut bucket_of, &mut hash)?;
-            for (b, h) in bucket_of.iter().zip(&hash) {
+        input.hash_rows(start, len, |bucket_of, hash| {
+            for (b, h) in bucket_of.iter().zip(hash) {
                 rows[*b as usize] += 1;
                 sums[*b as usize] = sums[*b as usize].wrapping_add(*h);
             }
-        }
-        Ok::<_, CoreError>((rows, sums))
+        });
+        (rows, sums)
     });
     let mut rows = vec![0u64; buckets as usize];
     let mut sums = vec![0u64; buckets as usize];
-    for partial in partials {
-        let (r, h) = partial?;
+    for (r, h) in partials {
         for b in 0..buckets as usize {
             rows[b] += r[b];
             sums[b] = sums[b].wrapping_add(h[b]);
@@ -69,8 +68,11 @@ pub fn digest(batch: &RecordBatch, key: &str, buckets: u32, columns: &[&str]) ->
 /// Per-row `{key, bucket, hash}`, to narrow a differing bucket down to rows.
 pub fn row_hashes(batch: &RecordBatch, key: &str, buckets: u32, columns: &[&str]) -> Result<RecordBatch> {
     let input = Input::new(batch, key, buckets, columns)?;
-    let (mut bucket_of, mut hash) = (Vec::new(), Vec::new());
-    input.hash_slice(0, batch.num_rows(), &mut bucket_of, &mut hash)?;
+    let (mut bucket_of, mut hash) = (Vec::with_capacity(batch.num_rows()), Vec::with_capacity(batch.num_rows()));
+    input.hash_rows(0, batch.num_rows(), |b, h| {
+        bucket_of.extend_from_slice(b);
+        hash.extend_from_slice(h);
+    });
     let schema = Schema::new(vec![
         batch.schema().field(input.key_idx).clone(),
         Field::new("bucket", DataType::UInt32, false),
@@ -89,14 +91,13 @@ pub fn row_hashes(batch: &RecordBatch, key: &str, buckets: u32, columns: &[&str]
 /// The validated columns a digest reads.
 struct Input<'a> {
     key_idx: usize,
-    key: &'a str,
-    key_col: &'a ArrayRef,
-    columns: Vec<(&'a str, &'a ArrayRef)>,
+    key: Column<'a>,
+    columns: Vec<Column<'a>>,
     bits: u32,
 }
 
 impl<'a> Input<'a> {
-    fn new(batch: &'a RecordBatch, key: &'a str, buckets: u32, columns: &[&'a str]) -> Result<Self> {
+    fn new(batch: &'a RecordBatch, key: &str, buckets: u32, columns: &[&str]) -> Result<Self> {
         if buckets == 0 || !buckets.is_power_of_two() {
             return Err(invalid(format!("buckets must be a power of two (1, 2, 4, ... 2^31), got {buckets}")));
         }
@@ -108,26 +109,32 @@ impl<'a> Input<'a> {
         }
         let columns = columns
             .iter()
-            .map(|name| Ok((*name, batch.column(column_index(batch, name, "digest")?))))
+            .map(|name| Column::new(batch.column(column_index(batch, name, "digest")?), name))
             .collect::<Result<Vec<_>>>()?;
-        Ok(Self { key_idx, key, key_col, columns, bits: buckets.trailing_zeros() })
+        Ok(Self { key_idx, key: Column::new(key_col, key)?, columns, bits: buckets.trailing_zeros() })
     }
 
-    /// Bucket and hash of rows `start..start + len`, into reused buffers.
-    fn hash_slice(&self, start: usize, len: usize, bucket_of: &mut Vec<u32>, hash: &mut Vec<u64>) -> Result<()> {
-        hash.clear();
-        hash.resize(len, 0);
-        fold_column(hash, self.key_col.slice(start, len).as_ref(), self.key, true)?;
-        let bits = self.bits;
-        bucket_of.clear();
-        bucket_of.extend(hash.iter().map(|h| if bits == 0 { 0 } else { (h >> (64 - bits)) as u32 }));
-        for (name, col) in &self.columns {
-            fold_column(hash, col.slice(start, len).as_ref(), name, false)?;
+    /// Bucket and hash of rows `start..start + len`, handed to `each_chunk` a chunk
+    /// at a time, so that each column's loop runs over cache-resident hashes.
+    fn hash_rows(&self, start: usize, len: usize, mut each_chunk: impl FnMut(&[u32], &[u64])) {
+        let mut bucket_of = vec![0u32; CHUNK_ROWS.min(len)];
+        let mut hash = vec![0u64; CHUNK_ROWS.min(len)];
+        for (s, l) in split_by(start, len, CHUNK_ROWS) {
+            let (bucket_of, hash) = (&mut bucket_of[..l], &mut hash[..l]);
+            self.key.fold(hash, s, Fold::Seed);
+            // The bucket is a prefix of the key hash; `checked_shr` is None for 0 bits.
+            let shift = 64 - self.bits;
+            for (b, h) in bucket_of.iter_mut().zip(hash.iter()) {
+                *b = h.checked_shr(shift).unwrap_or(0) as u32;
+            }
+            for col in &self.columns {
+                col.fold(hash, s, Fold::Mix);
+            }
+            for h in hash.iter_mut() {
+                *h = avalanche(*h);
+            }
+            each_chunk(bucket_of, hash);
         }
-        for h in hash.iter_mut() {
-            *h = avalanche(*h);
-        }
-        Ok(())
     }
 }
 
@@ -150,87 +157,179 @@ fn avalanche(mut h: u64) -> u64 {
     h ^ (h >> 33)
 }
 
-/// Fold one column into the row hashes. The key column seeds them with `xxh3_64`
-/// of its bytes (which also picks the bucket); other columns are mixed in, fixed
-/// width values directly and variable-width ones through `xxh3_64`.
-fn fold_column(hash: &mut [u64], col: &dyn Array, name: &str, seed: bool) -> Result<()> {
-    macro_rules! fold {
-        ($values:expr, $f:expr) => {{
-            let values = $values;
-            let nulls = col.logical_nulls();
-            for (i, h) in hash.iter_mut().enumerate() {
-                let v = if nulls.as_ref().is_some_and(|n| n.is_null(i)) { NULL_MARK } else { $f(&values, i) };
-                *h = if seed { v } else { mix(*h, v) };
-            }
-        }};
-    }
-    macro_rules! prim {
-        ($t:ty) => {
-            fold!(col.as_primitive::<$t>(), |a: &&PrimitiveArray<$t>, i| scalar(a.value(i) as i64, seed))
-        };
-    }
-    use arrow_array::PrimitiveArray;
-    match col.data_type() {
-        DataType::Utf8 => {
-            fold!(col.as_string::<i32>(), |a: &&arrow_array::StringArray, i| xxh3_64(a.value(i).as_bytes()))
-        }
-        DataType::LargeUtf8 => {
-            fold!(col.as_string::<i64>(), |a: &&arrow_array::LargeStringArray, i| xxh3_64(a.value(i).as_bytes()))
-        }
-        DataType::Utf8View => {
-            fold!(col.as_string_view(), |a: &&arrow_array::StringViewArray, i| xxh3_64(a.value(i).as_bytes()))
-        }
-        DataType::Binary => fold!(col.as_binary::<i32>(), |a: &&arrow_array::BinaryArray, i| xxh3_64(a.value(i))),
-        DataType::LargeBinary => {
-            fold!(col.as_binary::<i64>(), |a: &&arrow_array::LargeBinaryArray, i| xxh3_64(a.value(i)))
-        }
-        DataType::FixedSizeBinary(_) => {
-            fold!(col.as_fixed_size_binary(), |a: &&arrow_array::FixedSizeBinaryArray, i| xxh3_64(a.value(i)))
-        }
-        DataType::Boolean => {
-            fold!(col.as_boolean(), |a: &&arrow_array::BooleanArray, i| scalar(a.value(i) as i64 + 2, seed))
-        }
-        DataType::Int8 => prim!(Int8Type),
-        DataType::Int16 => prim!(Int16Type),
-        DataType::Int32 => prim!(Int32Type),
-        DataType::Int64 => prim!(Int64Type),
-        DataType::UInt8 => prim!(UInt8Type),
-        DataType::UInt16 => prim!(UInt16Type),
-        DataType::UInt32 => prim!(UInt32Type),
-        DataType::UInt64 => prim!(UInt64Type),
-        DataType::Float32 => fold!(col.as_primitive::<Float32Type>(), |a: &&PrimitiveArray<Float32Type>, i| scalar(
-            a.value(i).to_bits() as i64,
-            seed
-        )),
-        DataType::Float64 => fold!(col.as_primitive::<Float64Type>(), |a: &&PrimitiveArray<Float64Type>, i| scalar(
-            a.value(i).to_bits() as i64,
-            seed
-        )),
-        DataType::Date32 => prim!(Date32Type),
-        DataType::Date64 => prim!(Date64Type),
-        DataType::Timestamp(unit, _) => match unit {
-            TimeUnit::Second => prim!(TimestampSecondType),
-            TimeUnit::Millisecond => prim!(TimestampMillisecondType),
-            TimeUnit::Microsecond => prim!(TimestampMicrosecondType),
-            TimeUnit::Nanosecond => prim!(TimestampNanosecondType),
-        },
-        other => {
+/// How a column's value hashes enter the row hashes.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Fold {
+    /// The key column: its hash starts the row hash (and picks the bucket).
+    Seed,
+    /// Any other column: mixed into the running row hash.
+    Mix,
+}
+
+/// A column to hash, with its nulls (None when it has none, for a branch-free loop).
+struct Column<'a> {
+    array: &'a ArrayRef,
+    nulls: Option<NullBuffer>,
+}
+
+impl<'a> Column<'a> {
+    fn new(array: &'a ArrayRef, name: &str) -> Result<Self> {
+        if !supported(array.data_type()) {
             return Err(CoreError::UnsupportedType(format!(
-                "column {name:?} has type {other}, which digests do not support"
-            )))
+                "column {name:?} has type {}, which digests do not support",
+                array.data_type()
+            )));
+        }
+        let nulls = array.logical_nulls().filter(|n| n.null_count() > 0);
+        Ok(Self { array, nulls })
+    }
+
+    /// Fold rows `start..start + hash.len()` into the row hashes. Variable-width
+    /// values go through `xxh3_64`; fixed-width ones are used raw when mixed in, and
+    /// hashed with `xxh3_64` of their 8 little-endian bytes as a key (so that bucket
+    /// prefixes are uniform).
+    fn fold(&self, hash: &mut [u64], start: usize, how: Fold) {
+        let col = self.array.as_ref();
+        let n = self.nulls.as_ref();
+        match col.data_type() {
+            DataType::Utf8 => {
+                let a = col.as_string::<i32>();
+                fold_offsets(hash, n, start, how, a.value_offsets(), a.value_data())
+            }
+            DataType::LargeUtf8 => {
+                let a = col.as_string::<i64>();
+                fold_offsets(hash, n, start, how, a.value_offsets(), a.value_data())
+            }
+            DataType::Binary => {
+                let a = col.as_binary::<i32>();
+                fold_offsets(hash, n, start, how, a.value_offsets(), a.value_data())
+            }
+            DataType::LargeBinary => {
+                let a = col.as_binary::<i64>();
+                fold_offsets(hash, n, start, how, a.value_offsets(), a.value_data())
+            }
+            DataType::Utf8View => {
+                let a = col.as_string_view();
+                fold_values(hash, n, start, how, |i| xxh3_64(a.value(i).as_bytes()))
+            }
+            DataType::FixedSizeBinary(_) => {
+                let a = col.as_fixed_size_binary();
+                fold_values(hash, n, start, how, |i| xxh3_64(a.value(i)))
+            }
+            DataType::Boolean => {
+                let a = col.as_boolean();
+                fold_values(hash, n, start, how, |i| scalar(a.value(i) as i64 + 2, how))
+            }
+            DataType::Int8 => fold_primitive::<Int8Type>(hash, n, start, how, col, |v| v as i64),
+            DataType::Int16 => fold_primitive::<Int16Type>(hash, n, start, how, col, |v| v as i64),
+            DataType::Int32 => fold_primitive::<Int32Type>(hash, n, start, how, col, |v| v as i64),
+            DataType::Int64 => fold_primitive::<Int64Type>(hash, n, start, how, col, |v| v),
+            DataType::UInt8 => fold_primitive::<UInt8Type>(hash, n, start, how, col, |v| v as i64),
+            DataType::UInt16 => fold_primitive::<UInt16Type>(hash, n, start, how, col, |v| v as i64),
+            DataType::UInt32 => fold_primitive::<UInt32Type>(hash, n, start, how, col, |v| v as i64),
+            DataType::UInt64 => fold_primitive::<UInt64Type>(hash, n, start, how, col, |v| v as i64),
+            DataType::Float32 => fold_primitive::<Float32Type>(hash, n, start, how, col, |v| v.to_bits() as i64),
+            DataType::Float64 => fold_primitive::<Float64Type>(hash, n, start, how, col, |v| v.to_bits() as i64),
+            DataType::Date32 => fold_primitive::<Date32Type>(hash, n, start, how, col, |v| v as i64),
+            DataType::Date64 => fold_primitive::<Date64Type>(hash, n, start, how, col, |v| v),
+            DataType::Timestamp(TimeUnit::Second, _) => {
+                fold_primitive::<TimestampSecondType>(hash, n, start, how, col, |v| v)
+            }
+            DataType::Timestamp(TimeUnit::Millisecond, _) => {
+                fold_primitive::<TimestampMillisecondType>(hash, n, start, how, col, |v| v)
+            }
+            DataType::Timestamp(TimeUnit::Microsecond, _) => {
+                fold_primitive::<TimestampMicrosecondType>(hash, n, start, how, col, |v| v)
+            }
+            DataType::Timestamp(TimeUnit::Nanosecond, _) => {
+                fold_primitive::<TimestampNanosecondType>(hash, n, start, how, col, |v| v)
+            }
+            other => unreachable!("type {other} was checked by supported()"),
         }
     }
-    Ok(())
+}
+
+/// The column types `Column::fold` handles.
+fn supported(t: &DataType) -> bool {
+    use DataType::*;
+    matches!(
+        t,
+        Utf8 | LargeUtf8
+            | Utf8View
+            | Binary
+            | LargeBinary
+            | FixedSizeBinary(_)
+            | Boolean
+            | Int8
+            | Int16
+            | Int32
+            | Int64
+            | UInt8
+            | UInt16
+            | UInt32
+            | UInt64
+            | Float32
+            | Float64
+            | Date32
+            | Date64
+            | Timestamp(_, _)
+    )
+}
+
+/// The common loop: `value(row)` is the hash input of a non-null row. Written
+/// three ways so that the usual cases (no nulls) run without a per-row branch.
+#[inline(always)]
+fn fold_values(hash: &mut [u64], nulls: Option<&NullBuffer>, start: usize, how: Fold, value: impl Fn(usize) -> u64) {
+    match (nulls, how) {
+        (None, Fold::Seed) => hash.iter_mut().enumerate().for_each(|(j, h)| *h = value(start + j)),
+        (None, Fold::Mix) => hash.iter_mut().enumerate().for_each(|(j, h)| *h = mix(*h, value(start + j))),
+        (Some(nulls), _) => {
+            for (j, h) in hash.iter_mut().enumerate() {
+                let v = if nulls.is_null(start + j) { NULL_MARK } else { value(start + j) };
+                *h = if how == Fold::Seed { v } else { mix(*h, v) };
+            }
+        }
+    }
+}
+
+/// Strings and binaries: `xxh3_64` of each value's bytes, read through the offsets.
+#[inline(always)]
+fn fold_offsets<O: OffsetSizeTrait>(
+    hash: &mut [u64],
+    nulls: Option<&NullBuffer>,
+    start: usize,
+    how: Fold,
+    offsets: &[O],
+    data: &[u8],
+) {
+    let offsets = &offsets[start..=start + hash.len()];
+    fold_values(hash, nulls, start, how, |i| {
+        let (from, to) = (offsets[i - start].as_usize(), offsets[i - start + 1].as_usize());
+        xxh3_64(&data[from..to])
+    })
+}
+
+/// Fixed-width values, read straight from the values buffer as i64.
+#[inline(always)]
+fn fold_primitive<T: ArrowPrimitiveType>(
+    hash: &mut [u64],
+    nulls: Option<&NullBuffer>,
+    start: usize,
+    how: Fold,
+    col: &dyn Array,
+    as_i64: impl Fn(T::Native) -> i64,
+) {
+    let values = &col.as_primitive::<T>().values()[start..start + hash.len()];
+    fold_values(hash, nulls, start, how, |i| scalar(as_i64(values[i - start]), how))
 }
 
 /// A fixed-width value as a hash input. Used raw when mixed into a row hash; as a
 /// key it is hashed so that bucket prefixes are uniform.
 #[inline]
-fn scalar(v: i64, seed: bool) -> u64 {
-    if seed {
-        xxh3_64(&v.to_le_bytes())
-    } else {
-        v as u64
+fn scalar(v: i64, how: Fold) -> u64 {
+    match how {
+        Fold::Seed => xxh3_64(&v.to_le_bytes()),
+        Fold::Mix => v as u64,
     }
 }
 

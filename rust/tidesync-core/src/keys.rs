@@ -141,3 +141,166 @@ pub(crate) fn check_len(len: usize) -> Result<()> {
     }
     Ok(())
 }
+
+/// A key's 64-bit hash, computed once per row and then shared by every table
+/// lookup of that row (merge hashes each key once instead of once per table).
+pub(crate) trait KeyHash: Copy + Eq {
+    fn key_hash(&self) -> u64;
+
+    /// Read what comparing this key reads first (bytes stored out of line), so
+    /// that the read can be issued early, together with those of other keys.
+    fn warm(&self) -> u64 {
+        0
+    }
+}
+
+impl KeyHash for &[u8] {
+    #[inline]
+    fn key_hash(&self) -> u64 {
+        xxhash_rust::xxh3::xxh3_64(self)
+    }
+
+    #[inline]
+    fn warm(&self) -> u64 {
+        self.first().copied().unwrap_or(0) as u64
+    }
+}
+
+impl KeyHash for i64 {
+    #[inline]
+    fn key_hash(&self) -> u64 {
+        fmix64(*self as u64)
+    }
+}
+
+impl KeyHash for u128 {
+    #[inline]
+    fn key_hash(&self) -> u64 {
+        fmix64(*self as u64 ^ fmix64((*self >> 64) as u64).rotate_left(32))
+    }
+}
+
+/// murmur3's 64-bit finalizer: a bijection that spreads every input bit over the output.
+#[inline]
+fn fmix64(mut h: u64) -> u64 {
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
+    h ^ (h >> 33)
+}
+
+/// An open-addressing (linear probing) hash table of row numbers for keys whose
+/// hashes were computed up front. A slot packs the hash's high 32 bits with the
+/// row, so a probe reads one 8-byte slot and looks at a key only when those bits
+/// match; at most half full, so probe sequences stay short. Rows must be below
+/// `u32::MAX` (merge allows 2^31).
+pub(crate) struct RowTable {
+    slots: Vec<u64>,
+    mask: usize,
+}
+
+impl RowTable {
+    const EMPTY: u64 = u64::MAX;
+
+    pub(crate) fn with_capacity(rows: usize) -> Self {
+        let len = (rows * 2).next_power_of_two().max(16);
+        Self { slots: vec![Self::EMPTY; len], mask: len - 1 }
+    }
+
+    /// The row whose key `is_key` accepts, or else the free slot where it belongs.
+    #[inline]
+    pub(crate) fn find(&self, hash: u64, mut is_key: impl FnMut(u32) -> bool) -> Result<u32, usize> {
+        let tag = hash >> 32;
+        let mut pos = hash as usize & self.mask;
+        loop {
+            let slot = self.slots[pos];
+            if slot == Self::EMPTY {
+                return Err(pos);
+            }
+            if slot >> 32 == tag && is_key(slot as u32) {
+                return Ok(slot as u32);
+            }
+            pos = (pos + 1) & self.mask;
+        }
+    }
+
+    /// For each of `keys` (with their `hashes`), the row of `table_keys` holding it.
+    /// Works through a batch of keys at a time: first the home slot of every key
+    /// of the batch, then every candidate key, so that the cache misses of a batch
+    /// overlap instead of queueing one after another (`black_box` keeps the early
+    /// reads of candidate keys, a software prefetch in safe code); anything unusual
+    /// (a taken home slot holding another key) falls back to `find`.
+    pub(crate) fn find_rows<K: KeyHash>(&self, hashes: &[u64], keys: &[K], table_keys: &[K]) -> Vec<Option<u32>> {
+        const BATCH: usize = 16;
+        let mut out = Vec::with_capacity(keys.len());
+        for (hashes, keys) in hashes.chunks(BATCH).zip(keys.chunks(BATCH)) {
+            let mut home = [Self::EMPTY; BATCH];
+            for (slot, &h) in home.iter_mut().zip(hashes) {
+                *slot = self.slots[h as usize & self.mask];
+            }
+            let mut candidate: [Option<K>; BATCH] = [None; BATCH];
+            for ((c, &slot), &h) in candidate.iter_mut().zip(&home).zip(hashes) {
+                if slot != Self::EMPTY && slot >> 32 == h >> 32 {
+                    *c = Some(table_keys[slot as u32 as usize]);
+                }
+            }
+            std::hint::black_box(candidate.iter().flatten().fold(0, |acc, c| acc ^ c.warm()));
+            for (j, (k, &h)) in keys.iter().zip(hashes).enumerate() {
+                out.push(match (home[j], candidate[j]) {
+                    (Self::EMPTY, _) => None,
+                    (slot, Some(c)) if c == *k => Some(slot as u32),
+                    _ => self.find(h, |r| table_keys[r as usize] == *k).ok(),
+                });
+            }
+        }
+        out
+    }
+
+    /// The slot a key with this hash is looked for first (read to warm the cache).
+    #[inline]
+    pub(crate) fn home_slot(&self, hash: u64) -> u64 {
+        self.slots[hash as usize & self.mask]
+    }
+
+    /// Store `row` in the free slot `pos` returned by `find` for this hash.
+    #[inline]
+    pub(crate) fn put(&mut self, pos: usize, hash: u64, row: u32) {
+        debug_assert!(self.slots[pos] == Self::EMPTY && row != u32::MAX);
+        self.slots[pos] = (hash >> 32) << 32 | row as u64;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn row_table_finds_every_key_and_only_those() {
+        let keys: Vec<&[u8]> = ["a", "b", "c", "dd", ""].iter().map(|s| s.as_bytes()).collect();
+        let hashes: Vec<u64> = keys.iter().map(|k| k.key_hash()).collect();
+        let mut table = RowTable::with_capacity(keys.len());
+        for (row, (k, &h)) in keys.iter().zip(&hashes).enumerate() {
+            let free = table.find(h, |r| keys[r as usize] == *k).expect_err("keys are unique");
+            table.put(free, h, row as u32);
+        }
+        let probes: Vec<&[u8]> = ["dd", "x", "a", "", "c", "b", "ddd"].iter().map(|s| s.as_bytes()).collect();
+        let probe_hashes: Vec<u64> = probes.iter().map(|k| k.key_hash()).collect();
+        let found = table.find_rows(&probe_hashes, &probes, &keys);
+        assert_eq!(found, vec![Some(3), None, Some(0), Some(4), Some(2), Some(1), None]);
+    }
+
+    #[test]
+    fn row_table_falls_back_when_high_bits_collide() {
+        // Same hash for every key: every probe but the first walks the sequence.
+        let keys: Vec<i64> = (0..40).collect();
+        let mut table = RowTable::with_capacity(keys.len());
+        for (row, k) in keys.iter().enumerate() {
+            let free = table.find(7, |r| keys[r as usize] == *k).expect_err("keys are unique");
+            table.put(free, 7, row as u32);
+        }
+        let probes: Vec<i64> = vec![39, 0, 41, 17];
+        let found = table.find_rows(&[7; 4], &probes, &keys);
+        assert_eq!(found, vec![Some(39), Some(0), None, Some(17)]);
+    }
+}

@@ -4,19 +4,19 @@
 //! make merge commutative, associative and idempotent, are in docs/semantics.md.
 
 use std::cmp::Ordering;
-use std::hash::Hash;
 use std::sync::Arc;
 
 use arrow_array::builder::{ListBuilder, StringBuilder};
 use arrow_array::cast::AsArray;
-use arrow_array::{Array, ArrayRef, BooleanArray, Int64Array, RecordBatch, StringArray, UInt32Array};
+use arrow_array::{Array, ArrayRef, BooleanArray, Int64Array, OffsetSizeTrait, RecordBatch, StringArray, UInt32Array};
+use arrow_buffer::{Buffer, NullBuffer};
 use arrow_ord::ord::{make_comparator, DynComparator};
 use arrow_schema::{DataType, Field, Schema, SortOptions};
 use arrow_select::interleave::interleave;
 use arrow_select::take::take;
 
 use crate::error::{invalid, CoreError, Result};
-use crate::keys::{read_keys, FirstSeen, KeyIndex, KeyValues};
+use crate::keys::{duplicate, read_keys, KeyHash, KeyValues, RowTable};
 use crate::parallel::{par_map, par_ranges};
 use crate::schema::{require_same_columns, union_nullability};
 
@@ -67,6 +67,9 @@ const INCOMING: usize = 1;
 /// Each thread gets at least this many keys (below that, one thread is faster).
 const PARALLEL_MIN_KEYS: usize = 64 * 1024;
 
+/// Groups whose local rows are loaded together before they are decided.
+const WARM_BATCH: usize = 16;
+
 /// A version: a row of the local (side 0) or incoming (side 1) batch, packed in
 /// 32 bits because field mode keeps one per output cell.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -114,9 +117,13 @@ pub fn merge(local: &RecordBatch, incoming: &RecordBatch, key: &str, mode: Merge
         // Buffers reused across keys: the versions of one key, and the merged row.
         let mut scratch = Vec::new();
         let mut acc = Acc { row: V::local(0), cols: Vec::with_capacity(ctx.data_cols.len()) };
-        for g in &groups.groups[start..start + len] {
-            ctx.merge_group(g.local, g.first, &groups.next, &mut scratch, &mut acc, &mut out);
+        for batch in groups.groups[start..start + len].chunks(WARM_BATCH) {
+            ctx.warm_local_rows(batch);
+            for g in batch {
+                ctx.merge_group(g.local, g.first, &groups.next, &mut scratch, &mut acc, &mut out);
+            }
         }
+        ctx.log_record_conflicts(&mut out);
         out
     });
     Output::concat(&ctx, parts).finish(&ctx)
@@ -135,41 +142,115 @@ struct Group {
     local: Option<u32>,
 }
 
-fn group<K: Hash + Eq + Copy + Sync>(local: &[K], incoming: &[K], key: &str) -> Result<Groups> {
-    let local_index = KeyIndex::unique(local, key, "local")?;
-    let mut next = vec![u32::MAX; incoming.len()];
-    let mut groups: Vec<Group> = Vec::with_capacity(incoming.len());
+fn group<K: KeyHash + Sync>(local: &[K], incoming: &[K], key: &str) -> Result<Groups> {
+    // Every key is hashed once; the local index, the probes and the table of new
+    // keys all reuse these hashes.
+    let local_hash = par_map(local.len(), PARALLEL_MIN_KEYS, |row| local[row].key_hash());
+    let incoming_hash = par_map(incoming.len(), PARALLEL_MIN_KEYS, |row| incoming[row].key_hash());
+    let local_index = unique_index(local, &local_hash, key)?;
     // One probe of the local index per incoming row; only keys new to the local
-    // side need a second table. Either way we learn the key's group, if it has one.
-    let mut group_of_local = vec![u32::MAX; local.len()];
-    let mut group_of_first = vec![u32::MAX; incoming.len()];
-    // The probes only read the index: run them in parallel, assign groups after.
-    let probes: Vec<Option<u32>> = par_map(incoming.len(), PARALLEL_MIN_KEYS, |row| local_index.get(&incoming[row]));
-    // Sized from the misses, so the table of new keys never rehashes while growing.
-    let mut new_keys = FirstSeen::new(incoming, probes.iter().filter(|p| p.is_none()).count());
-    for row in 0..incoming.len() as u32 {
-        let local_row = probes[row as usize];
+    // side need a second table. The probes only read the index: run them in
+    // parallel, assign groups after.
+    let probes: Vec<Option<u32>> = par_ranges(incoming.len(), PARALLEL_MIN_KEYS, |start, len| {
+        let rows = start..start + len;
+        local_index.find_rows(&incoming_hash[rows.clone()], &incoming[rows], local)
+    })
+    .concat();
+    let mut groups = GroupBuilder::new(incoming, &incoming_hash, &probes, local.len());
+    for batch in (0..incoming.len() as u32).step_by(WARM_BATCH) {
+        let rows = batch..(batch + WARM_BATCH as u32).min(incoming.len() as u32);
+        groups.warm(rows.clone());
+        for row in rows {
+            groups.add(row);
+        }
+    }
+    Ok(groups.finish())
+}
+
+/// The local keys' index; a key found twice is an error.
+fn unique_index<K: KeyHash>(local: &[K], hashes: &[u64], key: &str) -> Result<RowTable> {
+    let mut index = RowTable::with_capacity(local.len());
+    for (row, (k, &h)) in local.iter().zip(hashes).enumerate() {
+        match index.find(h, |r| local[r as usize] == *k) {
+            Ok(first) => return Err(duplicate(key, "local", first as usize, row)),
+            Err(free) => index.put(free, h, row as u32),
+        }
+    }
+    Ok(index)
+}
+
+/// Assigns incoming rows, in order, to the groups of their keys.
+struct GroupBuilder<'a, K> {
+    incoming: &'a [K],
+    hashes: &'a [u64],
+    /// The local row of each incoming row's key, if any.
+    probes: &'a [Option<u32>],
+    /// Keys not in the local batch, by their first incoming row. Sized from the
+    /// probe misses, so it is at most half full.
+    new_keys: RowTable,
+    group_of_local: Vec<u32>,
+    group_of_first: Vec<u32>,
+    groups: Groups,
+}
+
+impl<'a, K: KeyHash> GroupBuilder<'a, K> {
+    fn new(incoming: &'a [K], hashes: &'a [u64], probes: &'a [Option<u32>], local_rows: usize) -> Self {
+        Self {
+            incoming,
+            hashes,
+            probes,
+            new_keys: RowTable::with_capacity(probes.iter().filter(|p| p.is_none()).count()),
+            group_of_local: vec![u32::MAX; local_rows],
+            group_of_first: vec![u32::MAX; incoming.len()],
+            groups: Groups { groups: Vec::with_capacity(incoming.len()), next: vec![u32::MAX; incoming.len()] },
+        }
+    }
+
+    /// Read what `add` will read first for these rows: random reads, whose cache
+    /// misses overlap when issued together (`black_box` keeps the unused loads).
+    fn warm(&self, rows: std::ops::Range<u32>) {
+        let mut sink = 0u64;
+        for row in rows {
+            sink ^= match self.probes[row as usize] {
+                Some(l) => self.group_of_local[l as usize] as u64,
+                None => self.new_keys.home_slot(self.hashes[row as usize]),
+            };
+        }
+        std::hint::black_box(sink);
+    }
+
+    fn add(&mut self, row: u32) {
+        let local_row = self.probes[row as usize];
         let existing = match local_row {
-            Some(l) => group_of_local[l as usize],
-            None => match new_keys.first_row(row) {
-                first if first == row => u32::MAX,
-                first => group_of_first[first as usize],
-            },
+            Some(l) => self.group_of_local[l as usize],
+            None => {
+                let (h, k, incoming) = (self.hashes[row as usize], &self.incoming[row as usize], self.incoming);
+                match self.new_keys.find(h, |r| incoming[r as usize] == *k) {
+                    Ok(first) => self.group_of_first[first as usize],
+                    Err(free) => {
+                        self.new_keys.put(free, h, row);
+                        u32::MAX
+                    }
+                }
+            }
         };
         if existing == u32::MAX {
-            let g = groups.len() as u32;
+            let g = self.groups.groups.len() as u32;
             match local_row {
-                Some(l) => group_of_local[l as usize] = g,
-                None => group_of_first[row as usize] = g,
+                Some(l) => self.group_of_local[l as usize] = g,
+                None => self.group_of_first[row as usize] = g,
             }
-            groups.push(Group { first: row, last: row, local: local_row });
+            self.groups.groups.push(Group { first: row, last: row, local: local_row });
         } else {
-            let g = &mut groups[existing as usize];
-            next[g.last as usize] = row;
+            let g = &mut self.groups.groups[existing as usize];
+            self.groups.next[g.last as usize] = row;
             g.last = row;
         }
     }
-    Ok(Groups { groups, next })
+
+    fn finish(self) -> Groups {
+        self.groups
+    }
 }
 
 /// The node-id column, whichever string type it has.
@@ -185,6 +266,15 @@ impl NodeCol<'_> {
             Self::Utf8(a) => a.value(row),
             Self::Large(a) => a.value(row),
             Self::View(a) => a.value(row),
+        }
+    }
+
+    /// Where the value of `row` starts (only read to warm the cache).
+    fn offset(&self, row: usize) -> i64 {
+        match self {
+            Self::Utf8(a) => a.value_offsets()[row] as i64,
+            Self::Large(a) => a.value_offsets()[row],
+            Self::View(a) => a.views()[row] as i64,
         }
     }
 }
@@ -205,6 +295,8 @@ struct Ctx<'a> {
     base: [&'a Int64Array; 2],
     /// `cmp[col][a_side * 2 + b_side]` compares values of column `col` across sides.
     cmp: Vec<[DynComparator; 4]>,
+    /// `eq[d]`: typed equality of data column number `d`, for logging conflicts.
+    eq: Vec<ValueEq>,
     /// Columns that break (hlc, node) ties, in schema order: all others in record
     /// mode, the row-level ones in field mode.
     tie_cols: Vec<usize>,
@@ -294,9 +386,11 @@ impl<'a> Ctx<'a> {
             };
             cmp.push([make(l, l)?, make(l, i)?, make(i, l)?, make(i, i)?]);
         }
+        let eq = data_cols.iter().map(|&c| ValueEq::new([local.column(c), incoming.column(c)])).collect();
         Ok(Self {
             mode,
             batches,
+            eq,
             hlc,
             node: [node(local)?, node(incoming)?],
             base,
@@ -307,6 +401,19 @@ impl<'a> Ctx<'a> {
             stamps,
             stamp_idx,
         })
+    }
+
+    /// Read what the decisions read first of the local rows of a batch of groups.
+    /// These are random reads into the local batch; issued together, their cache
+    /// misses overlap instead of stalling each decision in turn (a software
+    /// prefetch in safe code: `black_box` keeps the otherwise unused loads).
+    fn warm_local_rows(&self, batch: &[Group]) {
+        let mut sink = 0i64;
+        for l in batch.iter().filter_map(|g| g.local) {
+            let l = l as usize;
+            sink ^= self.hlc[LOCAL][l] ^ self.base[LOCAL].values()[l] ^ self.node[LOCAL].offset(l);
+        }
+        std::hint::black_box(sink);
     }
 
     fn hlc(&self, v: V) -> i64 {
@@ -499,12 +606,37 @@ impl<'a> Ctx<'a> {
         if self.stamp_order(l, w) == Ordering::Equal || self.sequential(w, l) {
             return;
         }
-        let lost: Vec<u32> = (0..self.data_cols.len())
-            .filter(|&d| self.cmp_col(self.data_cols[d], l, w) != Ordering::Equal)
-            .map(|d| d as u32)
-            .collect();
-        if !lost.is_empty() {
-            out.conflicts.push(Conflict { row: Acc { row: l, cols: Vec::new() }, winner: w, lost });
+        // The lost columns are found later, for all pairs at once.
+        out.concurrent.push((l, w));
+    }
+
+    /// Record mode: log the concurrent pairs `(loser, winner)` found while deciding
+    /// (in order) with the data columns they differ in, unless they differ in none.
+    /// Compared a column at a time and a batch of pairs at a time: the values of a
+    /// batch are first read together (random reads of local rows, whose cache
+    /// misses then overlap), then compared.
+    fn log_record_conflicts(&self, out: &mut Output) {
+        let pairs = std::mem::take(&mut out.concurrent);
+        // Bit d of pair p's words: the pair differs in data column d.
+        let words = self.data_cols.len().div_ceil(64);
+        let mut differs = vec![0u64; pairs.len() * words];
+        for (d, eq) in self.eq.iter().enumerate() {
+            for (batch_no, batch) in pairs.chunks(WARM_BATCH).enumerate() {
+                std::hint::black_box(batch.iter().fold(0, |acc, &(l, w)| acc ^ eq.warm(l) ^ eq.warm(w)));
+                for (i, &(l, w)) in batch.iter().enumerate() {
+                    if !eq.eq(l, w) {
+                        differs[(batch_no * WARM_BATCH + i) * words + d / 64] |= 1 << (d % 64);
+                    }
+                }
+            }
+        }
+        for (p, (l, w)) in pairs.into_iter().enumerate() {
+            let bits = &differs[p * words..(p + 1) * words];
+            let lost: Vec<u32> =
+                (0..self.data_cols.len()).filter(|d| bits[d / 64] >> (d % 64) & 1 == 1).map(|d| d as u32).collect();
+            if !lost.is_empty() {
+                out.conflicts.push(Conflict { row: Acc { row: l, cols: Vec::new() }, winner: w, lost });
+            }
         }
     }
 
@@ -524,7 +656,7 @@ impl<'a> Ctx<'a> {
         for (d, &src) in acc.cols.iter().enumerate() {
             let changed = |v: V, base: i64| self.stamp(v, d).unwrap_or(0) > base;
             let both_changed = changed(src, base_a) && changed(b, base_b);
-            if !both_changed || self.cmp_col(self.data_cols[d], src, b) == Ordering::Equal {
+            if !both_changed || self.eq[d].eq(src, b) {
                 continue;
             }
             match self.column_order(d, src, b) {
@@ -538,6 +670,108 @@ impl<'a> Ctx<'a> {
         if !lost_b.is_empty() {
             out.conflicts.push(Conflict { row: Acc { row: b, cols: Vec::new() }, winner: a, lost: lost_b });
         }
+    }
+}
+
+/// Equality of two values of one column, on either side, as the column's
+/// comparator would decide it (nulls equal each other; floats by bits, like
+/// their total order), but read straight from the buffers for the usual types:
+/// logging conflicts compares every data column of every concurrent pair.
+struct ValueEq {
+    nulls: [Option<NullBuffer>; 2],
+    /// Fixed width: the values; strings and binaries: the value bytes.
+    values: [Buffer; 2],
+    /// Strings and binaries: the offsets (empty otherwise).
+    offsets: [Buffer; 2],
+    kind: EqKind,
+    /// The comparators of the column (`[a_side * 2 + b_side]`), for other types.
+    fallback: Option<[DynComparator; 4]>,
+}
+
+#[derive(Clone, Copy)]
+enum EqKind {
+    /// Fixed-width values of this many bytes.
+    Fixed(usize),
+    /// Strings and binaries with 32-bit offsets.
+    Bytes32,
+    /// Strings and binaries with 64-bit offsets.
+    Bytes64,
+    Other,
+}
+
+impl ValueEq {
+    fn new(columns: [&ArrayRef; 2]) -> Self {
+        let kind = match columns[0].data_type() {
+            DataType::Utf8 | DataType::Binary => EqKind::Bytes32,
+            DataType::LargeUtf8 | DataType::LargeBinary => EqKind::Bytes64,
+            DataType::Boolean => EqKind::Other,
+            t => t.primitive_width().map_or(EqKind::Other, EqKind::Fixed),
+        };
+        // Buffers that start at the column's first value (columns may be slices).
+        let buffers = |col: &ArrayRef| -> (Buffer, Buffer) {
+            let data = col.to_data();
+            let (at, n) = (data.offset(), data.len());
+            match kind {
+                EqKind::Fixed(w) => {
+                    (data.buffers()[0].slice_with_length(at * w, n * w), Buffer::from(Vec::<u8>::new()))
+                }
+                EqKind::Bytes32 => {
+                    (data.buffers()[1].clone(), data.buffers()[0].slice_with_length(at * 4, (n + 1) * 4))
+                }
+                EqKind::Bytes64 => {
+                    (data.buffers()[1].clone(), data.buffers()[0].slice_with_length(at * 8, (n + 1) * 8))
+                }
+                EqKind::Other => (Buffer::from(Vec::<u8>::new()), Buffer::from(Vec::<u8>::new())),
+            }
+        };
+        let [(v0, o0), (v1, o1)] = columns.map(buffers);
+        let fallback = matches!(kind, EqKind::Other).then(|| {
+            let opts = SortOptions { descending: false, nulls_first: true };
+            let make = |a: &ArrayRef, b: &ArrayRef| {
+                make_comparator(a.as_ref(), b.as_ref(), opts).expect("comparable: checked in Ctx::new")
+            };
+            let [l, i] = columns;
+            [make(l, l), make(l, i), make(i, l), make(i, i)]
+        });
+        Self { nulls: columns.map(|c| c.logical_nulls()), values: [v0, v1], offsets: [o0, o1], kind, fallback }
+    }
+
+    fn eq(&self, a: V, b: V) -> bool {
+        let null = |v: V| self.nulls[v.side()].as_ref().is_some_and(|n| n.is_null(v.row()));
+        let (na, nb) = (null(a), null(b));
+        if na || nb {
+            return na == nb;
+        }
+        match self.kind {
+            EqKind::Fixed(w) => self.fixed(a, w) == self.fixed(b, w),
+            EqKind::Bytes32 => self.bytes::<i32>(a) == self.bytes::<i32>(b),
+            EqKind::Bytes64 => self.bytes::<i64>(a) == self.bytes::<i64>(b),
+            EqKind::Other => {
+                let cmp = self.fallback.as_ref().expect("made for other types");
+                cmp[a.side() * 2 + b.side()](a.row(), b.row()) == Ordering::Equal
+            }
+        }
+    }
+
+    /// Read what `eq` reads first of version `v` (to warm the cache).
+    fn warm(&self, v: V) -> u64 {
+        let valid = self.nulls[v.side()].as_ref().is_none_or(|n| n.is_valid(v.row())) as u64;
+        let first = match self.kind {
+            EqKind::Fixed(w) => self.values[v.side()].as_slice()[v.row() * w] as u64,
+            EqKind::Bytes32 => self.offsets[v.side()].typed_data::<i32>()[v.row()] as u64,
+            EqKind::Bytes64 => self.offsets[v.side()].typed_data::<i64>()[v.row()] as u64,
+            EqKind::Other => 0,
+        };
+        valid ^ first
+    }
+
+    fn fixed(&self, v: V, width: usize) -> &[u8] {
+        &self.values[v.side()].as_slice()[v.row() * width..(v.row() + 1) * width]
+    }
+
+    fn bytes<O: OffsetSizeTrait>(&self, v: V) -> &[u8] {
+        let offsets = self.offsets[v.side()].typed_data::<O>();
+        &self.values[v.side()].as_slice()[offsets[v.row()].as_usize()..offsets[v.row() + 1].as_usize()]
     }
 }
 
@@ -558,6 +792,8 @@ struct Output {
     cols: Vec<V>,
     inserted: Vec<bool>,
     conflicts: Vec<Conflict>,
+    /// Record mode: concurrent `(loser, winner)` pairs not yet in `conflicts`.
+    concurrent: Vec<(V, V)>,
 }
 
 impl Output {
@@ -567,6 +803,7 @@ impl Output {
             cols: Vec::with_capacity(if ctx.mode == MergeMode::Field { n * ctx.data_cols.len() } else { 0 }),
             inserted: Vec::with_capacity(n),
             conflicts: Vec::new(),
+            concurrent: Vec::new(),
         }
     }
 
