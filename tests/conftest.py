@@ -15,31 +15,22 @@ import pytest
 
 from tidesync.pg.cluster import TempCluster
 from tidesync.pg import PostgresStore
-from tidesync.pg.conn import connect
+from tidesync.pg.conn import connect, create_database, drop_database
 
 _counter = itertools.count()
 
 
 class PgServer:
+    """The test server: databases are created on it and dropped after each test."""
+
     def __init__(self, dsn: str) -> None:
         self.dsn = dsn
 
-    def dsn_for(self, database: str) -> str:
-        base, _, _ = self.dsn.rpartition("/")
-        query = ""
-        if "?" in self.dsn:
-            query = "?" + self.dsn.split("?", 1)[1]
-        return f"{base}/{database}{query}"
-
     def create_database(self, name: str) -> str:
-        with connect(self.dsn, autocommit=True) as conn, conn.cursor() as cur:
-            cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-            cur.execute(f'CREATE DATABASE "{name}"')
-        return self.dsn_for(name)
+        return create_database(self.dsn, name, replace=True)
 
     def drop_database(self, name: str) -> None:
-        with connect(self.dsn, autocommit=True) as conn, conn.cursor() as cur:
-            cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        drop_database(self.dsn, name)
 
 
 @pytest.fixture(scope="session")

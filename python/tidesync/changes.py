@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import date, datetime
 from typing import Any
@@ -106,10 +106,6 @@ def conform(table: pa.Table | pa.RecordBatch, spec: TableSpec, what: str = "batc
                 ) from None
         cols.append(col)
     return pa.Table.from_arrays(cols, schema=wire)
-
-
-def empty(spec: TableSpec) -> pa.Table:
-    return spec.wire_schema().empty_table()
 
 
 def with_origin(table: pa.Table, origin: pa.Array | str | None) -> pa.Table:
@@ -289,7 +285,3 @@ def quarantine_bisect(rows: pa.Table, attempt: Callable[[pa.Table], str | None])
         go(0, rows)
     return bad
 
-
-def chunks(table: pa.Table, size: int) -> Iterator[pa.Table]:
-    for start in range(0, table.num_rows, size):
-        yield table.slice(start, size)

@@ -77,9 +77,8 @@ def bench(rows: int, repeats: int, as_json: bool, only: tuple[str, ...], db: str
         results += core_bench.run_core_bench(rows, repeats, console, only=core, show_table=not as_json)
     if store:
         results += store_bench.run_store_bench(rows, repeats, console, only=store, dsn=db, show_table=not as_json)
-    machine_info = core_bench.machine_info
     if as_json:
-        out = {"rows": rows, "repeats": repeats, "machine": machine_info(), "results": results}
+        out = {"rows": rows, "repeats": repeats, "machine": core_bench.machine_info(), "results": results}
         click.echo(json.dumps(out, indent=2))
 
 
@@ -143,14 +142,11 @@ def schema() -> None:
 def schema_install(db: str, schema_name: str, node_id: str, create_tables: bool) -> None:
     """Add metadata columns, capture triggers, tombstones and bookkeeping. Idempotent."""
     registry = _registry(schema_name)
-    store = open_store(db, registry)
-    try:
+    with open_store(db, registry) as store:
         if create_tables:
             store.create_app_tables()
         store.install(node_id)
         click.echo(f"tidesync installed: {len(registry)} synced tables, node {node_id!r}")
-    finally:
-        store.close()
 
 
 @schema.command("uninstall")
@@ -158,12 +154,9 @@ def schema_install(db: str, schema_name: str, node_id: str, create_tables: bool)
 @_schema_option
 def schema_uninstall(db: str, schema_name: str) -> None:
     """Remove everything install added; application data is left as it is."""
-    store = open_store(db, _registry(schema_name))
-    try:
+    with open_store(db, _registry(schema_name)) as store:
         store.uninstall()
         click.echo("tidesync uninstalled; application tables and rows are untouched")
-    finally:
-        store.close()
 
 
 @schema.command("status")
@@ -171,16 +164,13 @@ def schema_uninstall(db: str, schema_name: str) -> None:
 @_schema_option
 def schema_status(db: str, schema_name: str) -> None:
     """Show the node id, pending changes per table, conflicts and quarantined rows."""
-    store = open_store(db, _registry(schema_name))
-    try:
+    with open_store(db, _registry(schema_name)) as store:
         node = store.node_id()
         window = store.read_window(0)
         click.echo(f"node {node!r}")
         for name, table in window.tables.items():
             click.echo(f"  {name:<26} {table.num_rows:>10} versions")
         click.echo(f"conflicts logged: {store.conflicts().num_rows}; quarantined rows: {store.quarantine().num_rows}")
-    finally:
-        store.close()
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -199,12 +199,9 @@ class TableSpec:
         ``_base_hlc``, ``_deleted`` (a tombstone: every data column null), then in
         field mode one ``_hlc_<col>`` per data column.
         """
-        fields = [pa.field(c.name, c.type.arrow, c.nullable or c.name == self.key) for c in self.columns]
-        fields[[c.name for c in self.columns].index(self.key)] = pa.field(
-            self.key, self.column(self.key).type.arrow, nullable=False
-        )
-        # Data columns are nullable on the wire: a tombstone carries no values.
-        fields = [f if f.name == self.key else f.with_nullable(True) for f in fields]
+        # Data columns are nullable on the wire whatever the table says: a tombstone
+        # carries no values.
+        fields = [pa.field(c.name, c.type.arrow, nullable=c.name != self.key) for c in self.columns]
         fields += [
             pa.field(HLC, pa.int64(), nullable=False),
             pa.field(NODE, pa.string(), nullable=False),

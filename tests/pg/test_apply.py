@@ -18,7 +18,7 @@ import pytest
 from tidesync import SchemaMismatchError
 from tidesync.pg import PostgresStore
 
-from .util import new_id, one, rows, run, seed_encounter, seed_patient
+from .util import one, rows, run, seed_encounter, seed_patient
 
 
 def test_apply_inserts_updates_and_deletes(make_demo_store) -> None:  # type: ignore[no-untyped-def]
@@ -185,7 +185,6 @@ def test_a_local_edit_during_apply_is_not_lost(make_demo_store) -> None:  # type
     # The merged row holds a local edit central has not seen: it is not marked as from central.
     assert one(a.dsn, f"SELECT _origin IS NULL FROM patients WHERE id = '{pid}'") is True
     assert a.read_window(0, peer="central").tables["patients"].num_rows == 1
-    _ = new_id
 
 
 def test_bulk_path_locks_the_table_and_applies_the_same(make_demo_store, monkeypatch) -> None:  # type: ignore[no-untyped-def]

@@ -18,8 +18,8 @@ interleaved runs, ratios measured in the same run (above 1: tidesync is faster):
 
 from __future__ import annotations
 
+import contextlib
 import os
-import shutil
 import subprocess
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
@@ -31,7 +31,7 @@ import numpy as np
 import pyarrow as pa
 from rich.console import Console
 
-from tidesync.bench.core_bench import Row, _measure, _Reporter, _row, render_notes, render_table
+from tidesync.bench.core_bench import Row, _measure, _median, _Reporter, _row, render_notes, render_table
 from tidesync.pg import PostgresStore
 from tidesync.pg.capture import window_sql
 from tidesync.pg.cluster import TempCluster, find_bindir
@@ -108,11 +108,12 @@ class _Db:
             for s in statements:
                 cur.execute(s)
 
-    def psql_run(self, command: str, *, stdin: str | None = None) -> None:
-        env = {**os.environ, "PGOPTIONS": "-c tidesync.applying=off"}
-        args = [self.psql, "-X", "-q", "-v", "ON_ERROR_STOP=1", "-d", self.dsn, "-c", command]
-        with open(stdin or os.devnull, "rb") as fin:
-            subprocess.run(args, check=True, env=env, stdin=fin, stdout=subprocess.DEVNULL)
+    def psql_run(self, *args: str) -> None:
+        """Run psql (``-c command`` or ``-1 -f script``); its output is thrown away."""
+        # Rows loaded into the tidesync table by psql keep their stamps, as apply's do.
+        env = {**os.environ, "PGOPTIONS": "-c tidesync.applying=on"}
+        cmd = [self.psql, "-X", "-q", "-v", "ON_ERROR_STOP=1", "-d", self.dsn, *args]
+        subprocess.run(cmd, check=True, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
 
     def reset(self) -> None:
         self.sql(f"TRUNCATE {TABLE} CASCADE", f"TRUNCATE tidesync.{TABLE}__tombstones", f"TRUNCATE {TABLE}_plain")
@@ -123,16 +124,14 @@ class _Db:
 
 @contextmanager
 def _database(dsn: str | None) -> Iterator[_Db]:
-    bindir = find_bindir()
-    if dsn is not None:
-        yield _Db(dsn, bindir)
-        return
-    with TempCluster(fast=False, settings={"synchronous_commit": "off"}) as cluster:
-        db = _Db(cluster.create_database("tidesync_bench"), bindir)
-        try:
-            yield db
-        finally:
-            db.close()
+    """The benchmark database on ``dsn``'s server, or on a throwaway cluster."""
+    with contextlib.ExitStack() as stack:
+        if dsn is None:
+            cluster = stack.enter_context(TempCluster(fast=False, settings={"synchronous_commit": "off"}))
+            dsn = cluster.create_database("tidesync_bench")
+        db = _Db(dsn, find_bindir())
+        stack.callback(db.close)
+        yield db
 
 
 def _bench_window(db: _Db, rows: int, repeats: int, rep: _Reporter) -> Row:
@@ -147,21 +146,15 @@ def _bench_window(db: _Db, rows: int, repeats: int, rep: _Reporter) -> Row:
         counted.append(w.tables[TABLE].num_rows)
 
     def raw() -> None:
-        db.psql_run(f"COPY ({query}) TO STDOUT (FORMAT binary)")
+        db.psql_run("-c", f"COPY ({query}) TO STDOUT (FORMAT binary)")
 
     with rep.step(f"window: read_window vs COPY TO STDOUT ×{repeats}"):
         t = _measure({"tidesync": ours, "copy": raw}, repeats)
     check = "ok" if set(counted) == {rows} else f"MISMATCH: read {sorted(set(counted))} rows, expected {rows}"
-    ratio = _median_ratio(t)
+    ratio = _median(t["copy"]) / _median(t["tidesync"])
     return _row(benchmark="window read", baseline="COPY (window query) TO STDOUT binary", rows=rows,
                 ts_runs=t["tidesync"], base_runs=t["copy"], target=f"≥{WINDOW_MIN_RATIO}×",
                 target_met=ratio >= WINDOW_MIN_RATIO, check=check)  # fmt: skip
-
-
-def _median_ratio(t: dict[str, list[float]]) -> float:
-    names = list(t)
-    ts, base = sorted(t[names[0]])[len(t[names[0]]) // 2], sorted(t[names[1]])[len(t[names[1]]) // 2]
-    return base / ts
 
 
 def _bench_apply(db: _Db, rows: int, repeats: int, rep: _Reporter, tmp: Path) -> list[Row]:
@@ -172,7 +165,7 @@ def _bench_apply(db: _Db, rows: int, repeats: int, rep: _Reporter, tmp: Path) ->
     with rep.step("apply: writing the incoming rows as a binary COPY file"):
         db.reset()
         db.store.apply({TABLE: incoming}, peer="central")
-        db.psql_run(f"\\copy (SELECT {cols} FROM {TABLE}) TO '{file_in}' (FORMAT binary)")
+        db.psql_run("-c", f"\\copy (SELECT {cols} FROM {TABLE}) TO '{file_in}' (FORMAT binary)")
 
     counts: list[int] = []
 
@@ -183,14 +176,14 @@ def _bench_apply(db: _Db, rows: int, repeats: int, rep: _Reporter, tmp: Path) ->
 
     def raw_empty() -> None:
         db.reset()
-        db.psql_run(f"\\copy {TABLE}_plain ({cols}) FROM '{file_in}' (FORMAT binary)")
+        db.psql_run("-c", f"\\copy {TABLE}_plain ({cols}) FROM '{file_in}' (FORMAT binary)")
 
     with rep.step(f"apply into an empty table vs COPY ×{repeats}"):
         t = _measure({"tidesync": ours_empty, "copy": raw_empty}, repeats)
     n = min(counts)
     results.append(_row(benchmark="apply (empty table)", baseline="binary COPY into the same table", rows=rows,
                         ts_runs=t["tidesync"], base_runs=t["copy"], target=f"≥{APPLY_EMPTY_MIN_RATIO}×",
-                        target_met=_median_ratio(t) >= APPLY_EMPTY_MIN_RATIO,
+                        target_met=_median(t["copy"]) / _median(t["tidesync"]) >= APPLY_EMPTY_MIN_RATIO,
                         check="ok" if n == rows else f"MISMATCH: {n} rows")) # fmt: skip
 
     # Half updates: the local table holds `rows` rows; incoming has newer versions of
@@ -206,15 +199,15 @@ def _bench_apply(db: _Db, rows: int, repeats: int, rep: _Reporter, tmp: Path) ->
     with rep.step("apply: preparing the 1M-row table and the half-update batch"):
         db.reset()
         db.store.apply({TABLE: mixed}, peer="central")
-        db.psql_run(f"\\copy (SELECT {cols} FROM {TABLE}) TO '{file_mixed}' (FORMAT binary)")
+        db.psql_run("-c", f"\\copy (SELECT {cols} FROM {TABLE}) TO '{file_mixed}' (FORMAT binary)")
         db.reset()
         db.store.apply({TABLE: local}, peer="central")
-        db.psql_run(f"\\copy (SELECT {cols} FROM {TABLE}) TO '{file_local}' (FORMAT binary)")
+        db.psql_run("-c", f"\\copy (SELECT {cols} FROM {TABLE}) TO '{file_local}' (FORMAT binary)")
 
     def restore() -> None:
         db.reset()
-        db.psql_run(f"\\copy {TABLE} ({cols}) FROM '{file_local}' (FORMAT binary)")
-        db.psql_run(f"\\copy {TABLE}_plain ({cols}) FROM '{file_local}' (FORMAT binary)")
+        db.psql_run("-c", f"\\copy {TABLE} ({cols}) FROM '{file_local}' (FORMAT binary)")
+        db.psql_run("-c", f"\\copy {TABLE}_plain ({cols}) FROM '{file_local}' (FORMAT binary)")
         db.sql(f"VACUUM ANALYZE {TABLE}", f"VACUUM ANALYZE {TABLE}_plain")
 
     counts.clear()
@@ -235,9 +228,7 @@ def _bench_apply(db: _Db, rows: int, repeats: int, rep: _Reporter, tmp: Path) ->
     script.write_text(merge_sql.replace("; \\copy", ";\n\\copy"))
 
     def raw_merge() -> None:
-        env = {**os.environ}
-        subprocess.run([db.psql, "-X", "-q", "-v", "ON_ERROR_STOP=1", "-d", db.dsn, "-1", "-f", str(script)],
-                       check=True, env=env, stdout=subprocess.DEVNULL)  # fmt: skip
+        db.psql_run("-1", "-f", str(script))
 
     times: dict[str, list[float]] = {"tidesync": [], "merge": []}
     with rep.step(f"apply half updates into 1M rows vs COPY + MERGE ×{repeats}"):
@@ -249,7 +240,7 @@ def _bench_apply(db: _Db, rows: int, repeats: int, rep: _Reporter, tmp: Path) ->
     expect = rows + (rows - half)
     results.append(_row(benchmark="apply (half updates)", baseline="binary COPY to staging + MERGE", rows=rows,
                         ts_runs=times["tidesync"], base_runs=times["merge"], target=f"≥{APPLY_MERGE_MIN_RATIO}×",
-                        target_met=_median_ratio(times) >= APPLY_MERGE_MIN_RATIO,
+                        target_met=_median(times["merge"]) / _median(times["tidesync"]) >= APPLY_MERGE_MIN_RATIO,
                         check="ok" if n == expect else f"MISMATCH: {n} rows, expected {expect}"))  # fmt: skip
     return results
 
@@ -321,24 +312,16 @@ def run_store_bench(
     steps = {"window": 2, "apply": 4, "triggers": 2}
     rep = _Reporter(console, sum(steps[s] for s in sections) + 1)
     results: list[Row] = []
-    tmp = Path(tempfile.mkdtemp(prefix="tidesync-bench-"))
-    tmp.chmod(0o777)  # the server's user reads and writes the COPY files through psql's client side
-    try:
-        with rep.running():
-            with rep.step("starting PostgreSQL and installing the demo schema"):
-                ctx = _database(dsn)
-                db = ctx.__enter__()
-            try:
-                if "window" in sections:
-                    results.append(_bench_window(db, rows, repeats, rep))
-                if "apply" in sections:
-                    results += _bench_apply(db, rows, repeats, rep, tmp)
-                if "triggers" in sections:
-                    results += _bench_triggers(db, min(rows, 200_000), repeats, rep)
-            finally:
-                ctx.__exit__(None, None, None)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    # psql's \copy reads and writes these files on the client side, as this user.
+    with tempfile.TemporaryDirectory(prefix="tidesync-bench-") as tmp, rep.running(), contextlib.ExitStack() as stack:
+        with rep.step("starting PostgreSQL and installing the demo schema"):
+            db = stack.enter_context(_database(dsn))
+        if "window" in sections:
+            results.append(_bench_window(db, rows, repeats, rep))
+        if "apply" in sections:
+            results += _bench_apply(db, rows, repeats, rep, Path(tmp))
+        if "triggers" in sections:
+            results += _bench_triggers(db, min(rows, 200_000), repeats, rep)
     if console is not None and show_table:
         console.print(render_table(results, repeats=repeats))
         for line in render_notes(results):

@@ -34,6 +34,7 @@ from tidesync.changes import (
     rows_as_json,
 )
 from tidesync.errors import SchemaMismatchError
+from tidesync.pg.capture import wire_columns
 from tidesync.pg.conn import transaction
 from tidesync.pg.install import APPLYING_GUC, SCHEMA, qi, ql, tomb_table
 from tidesync.registry import BASE_HLC, DELETED, HLC, NODE, Registry, TableSpec, stamp_column
@@ -142,25 +143,20 @@ def _read_local(cur: Any, spec: TableSpec, keys: pa.ChunkedArray) -> pa.Table:
         if not cur.fetchone()[0]:
             return spec.wire_schema().empty_table()
     _stage(cur, spec, pa.table({spec.key: pc.unique(keys.combine_chunks())}), key_only=True)
-    cols = [f"t.{qi(c.name)}" for c in spec.columns]
-    stamps = [f"t.{qi(stamp_column(c.name))}" for c in spec.data_columns] if spec.field_wise else []
     # What we merge against must be what we overwrite: an application write to one of
     # these rows has to wait for this transaction. Small batches lock just their rows;
     # a bulk apply locks the table against writers (readers go on), which is far cheaper
     # than marking a million rows locked one by one.
     lock = "" if len(keys) > ROW_LOCK_LIMIT else " FOR UPDATE OF t"
     cur.execute(
-        f"SELECT {', '.join([*cols, 't._hlc', 't._node', 't._base_hlc', f'false AS {DELETED}', *stamps])} "
+        f"SELECT {wire_columns(spec, 't', tombstone=False)} "
         f"FROM {qi(spec.name)} t JOIN {KEYS} k ON t.{k} = k.{k}{lock}"
     )
     live = conform(cur.fetch_arrow_table(), spec, "local rows")
-    dead_cols = [f"t.{k}" if c.name == spec.key else f"NULL::{c.type.pg}" for c in spec.columns]
-    dead_stamps = ["NULL::bigint"] * len(stamps)
-    names = ", ".join(qi(f.name) for f in spec.wire_schema())
     cur.execute(
-        f"SELECT * FROM (SELECT {', '.join([*dead_cols, 't._hlc', 't._node', 't._base_hlc', 'true', *dead_stamps])} "
+        f"SELECT {wire_columns(spec, 't', tombstone=True)} "
         f"FROM {tomb_table(spec)} t JOIN {KEYS} k ON t.{k} = k.{k} "
-        f"WHERE NOT EXISTS (SELECT 1 FROM {qi(spec.name)} l WHERE l.{k} = t.{k})) AS d ({names})"
+        f"WHERE NOT EXISTS (SELECT 1 FROM {qi(spec.name)} l WHERE l.{k} = t.{k})"
     )
     dead = conform(cur.fetch_arrow_table(), spec, "local tombstones")
     return pa.concat_tables([live, dead]) if dead.num_rows else live

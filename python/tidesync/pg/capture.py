@@ -26,22 +26,34 @@ from tidesync.pg.install import qi, ql, tomb_table
 from tidesync.registry import DELETED, Registry, TableSpec, stamp_column
 
 
+def wire_columns(spec: TableSpec, alias: str, *, tombstone: bool) -> str:
+    """The select list that gives a table's rows (or its tombstones) the wire schema.
+
+    ``alias`` qualifies the columns read; a tombstone reads only the key and the
+    row-level stamps, and its data columns and field stamps are typed NULLs.
+    """
+
+    def read(name: str) -> str:
+        return f"{alias}.{qi(name)}"
+
+    cols = [
+        read(c.name) if not tombstone or c.name == spec.key else f"NULL::{c.type.pg} AS {qi(c.name)}"
+        for c in spec.columns
+    ]
+    meta = [read("_hlc"), read("_node"), read("_base_hlc"), f"{str(tombstone).lower()} AS {DELETED}"]
+    stamps = [stamp_column(c.name) for c in spec.data_columns] if spec.field_wise else []
+    fields = [f"NULL::bigint AS {qi(s)}" if tombstone else read(s) for s in stamps]
+    return ", ".join([*cols, *meta, *fields])
+
+
 def window_sql(spec: TableSpec, cursor: int, watermark: int, peer: str | None) -> str:
     """The query of one table's window: live rows, then tombstones, in the wire schema."""
-    cols = [qi(c.name) for c in spec.columns]
-    stamps = [qi(stamp_column(c.name)) for c in spec.data_columns] if spec.field_wise else []
     where = f"_cursor >= '{cursor}'::xid8 AND _cursor < '{watermark}'::xid8"
     if peer is not None:
         where += f" AND _origin IS DISTINCT FROM {ql(peer)}"
-    live = ", ".join([*cols, "_hlc", "_node", "_base_hlc", f"false AS {DELETED}", *stamps])
-    dead_cols = [
-        qi(c.name) if c.name == spec.key else f"NULL::{c.type.pg} AS {qi(c.name)}" for c in spec.columns
-    ]
-    dead = ", ".join([*dead_cols, "_hlc", "_node", "_base_hlc", f"true AS {DELETED}",
-                      *[f"NULL::bigint AS {s}" for s in stamps]])  # fmt: skip
     return (
-        f"SELECT {live} FROM {qi(spec.name)} WHERE {where}\n"
-        f"UNION ALL\nSELECT {dead} FROM {tomb_table(spec)} WHERE {where}"
+        f"SELECT {wire_columns(spec, 't', tombstone=False)} FROM {qi(spec.name)} t WHERE {where}\n"
+        f"UNION ALL\nSELECT {wire_columns(spec, 't', tombstone=True)} FROM {tomb_table(spec)} t WHERE {where}"
     )
 
 

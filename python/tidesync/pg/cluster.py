@@ -9,7 +9,6 @@ as an unprivileged system user (created if missing).
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import os
 import pwd
@@ -17,8 +16,6 @@ import shutil
 import socket
 import subprocess
 import tempfile
-import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -108,7 +105,7 @@ def _open_path_to(path: Path) -> None:
 
 @dataclass
 class TempCluster:
-    """A running throwaway cluster; use :func:`temp_cluster` or call ``start``/``stop``."""
+    """A throwaway cluster: ``with TempCluster() as cluster:``, or ``start()``/``stop()``."""
 
     fast: bool = True
     settings: dict[str, str] = field(default_factory=dict)
@@ -120,10 +117,7 @@ class TempCluster:
     @property
     def dsn(self) -> str:
         """libpq URI of the ``postgres`` database (user ``postgres``, trust auth, loopback)."""
-        return self.dsn_for("postgres")
-
-    def dsn_for(self, database: str) -> str:
-        return f"postgresql://postgres@127.0.0.1:{self.port}/{database}"
+        return f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
 
     def _run(self, *args: str, user: pwd.struct_passwd | None) -> subprocess.CompletedProcess[str]:
         kwargs: dict[str, object] = {}
@@ -180,11 +174,9 @@ class TempCluster:
 
     def create_database(self, name: str) -> str:
         """Create a database and return its DSN."""
-        from tidesync.pg.conn import connect
+        from tidesync.pg.conn import create_database
 
-        with connect(self.dsn, autocommit=True) as conn, conn.cursor() as cur:
-            cur.execute(f'CREATE DATABASE "{name}"')
-        return self.dsn_for(name)
+        return create_database(self.dsn, name)
 
     def __enter__(self) -> TempCluster:
         return self.start() if self.datadir is None else self
@@ -192,27 +184,3 @@ class TempCluster:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
-
-@contextlib.contextmanager
-def temp_cluster(fast: bool = True, **settings: str) -> Iterator[TempCluster]:
-    """Start a throwaway cluster for the ``with`` block; it is stopped and deleted after."""
-    cluster = TempCluster(fast=fast, settings=settings).start()
-    try:
-        yield cluster
-    finally:
-        cluster.stop()
-
-
-def wait_ready(dsn: str, timeout_s: float = 30.0) -> None:
-    """Block until a server accepts connections at ``dsn``."""
-    from tidesync.pg.conn import connect
-
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            with connect(dsn):
-                return
-        except Exception as exc:  # noqa: BLE001 - any failure means "not yet"
-            if time.monotonic() > deadline:
-                raise ClusterError(f"no PostgreSQL answering at {dsn}: {exc}") from exc
-            time.sleep(0.1)

@@ -13,15 +13,33 @@ from typing import Any
 
 import adbc_driver_postgresql.dbapi as pg_dbapi
 
-Connection = pg_dbapi.Connection
-
-
 def connect(dsn: str, *, autocommit: bool = True) -> Any:
     """Open an ADBC DB-API connection (a context manager; closes on exit).
 
     Autocommit by default: use :func:`transaction` for explicit transactions.
     """
     return pg_dbapi.connect(dsn, autocommit=autocommit)
+
+
+def with_database(dsn: str, database: str) -> str:
+    """The same libpq URI pointing at another database (query options kept)."""
+    base, query = (dsn.split("?", 1) + [""])[:2]
+    return f"{base.rsplit('/', 1)[0]}/{database}" + (f"?{query}" if query else "")
+
+
+def create_database(server_dsn: str, name: str, *, replace: bool = False) -> str:
+    """Create database ``name`` on the server of ``server_dsn``; returns its DSN."""
+    with connect(server_dsn) as conn, conn.cursor() as cur:
+        if replace:
+            cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        cur.execute(f'CREATE DATABASE "{name}"')
+    return with_database(server_dsn, name)
+
+
+def drop_database(server_dsn: str, name: str) -> None:
+    """Drop database ``name`` (closing its sessions) if it exists."""
+    with connect(server_dsn) as conn, conn.cursor() as cur:
+        cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 def split_sql(script: str) -> list[str]:

@@ -51,7 +51,7 @@ def _fn(spec: TableSpec, op: str) -> str:
     return f"{SCHEMA}.{qi(spec.name + '__' + op)}"
 
 
-def _trigger(spec: TableSpec, op: str) -> str:
+def _trigger(op: str) -> str:
     return qi(f"tidesync_{op}")
 
 
@@ -197,11 +197,11 @@ CREATE TABLE IF NOT EXISTS {tomb_table(spec)} (
 );
 CREATE INDEX IF NOT EXISTS {qi(spec.name + '__tombstones_cursor')} ON {tomb_table(spec)} (_cursor);
 {_stamp_functions(spec, node_id)}
-CREATE OR REPLACE TRIGGER {_trigger(spec, 'insert')} BEFORE INSERT ON {t}
+CREATE OR REPLACE TRIGGER {_trigger('insert')} BEFORE INSERT ON {t}
   FOR EACH ROW WHEN ({NOT_APPLYING}) EXECUTE FUNCTION {_fn(spec, 'insert')}();
-CREATE OR REPLACE TRIGGER {_trigger(spec, 'update')} BEFORE UPDATE ON {t}
+CREATE OR REPLACE TRIGGER {_trigger('update')} BEFORE UPDATE ON {t}
   FOR EACH ROW WHEN ({NOT_APPLYING}) EXECUTE FUNCTION {_fn(spec, 'update')}();
-CREATE OR REPLACE TRIGGER {_trigger(spec, 'delete')} AFTER DELETE ON {t}
+CREATE OR REPLACE TRIGGER {_trigger('delete')} AFTER DELETE ON {t}
   FOR EACH ROW WHEN ({NOT_APPLYING}) EXECUTE FUNCTION {_fn(spec, 'delete')}();
 """
 
@@ -211,7 +211,7 @@ def uninstall_sql(spec: TableSpec, columns: dict[str, str]) -> str:
     t = qi(spec.name)
     ours = [c for c in columns if c in META_COLUMNS or c.startswith("_hlc_")]
     drops = ",\n  ".join(f"DROP COLUMN IF EXISTS {qi(c)}" for c in ours)
-    parts = [f"DROP TRIGGER IF EXISTS {_trigger(spec, op)} ON {t};" for op in ("insert", "update", "delete")]
+    parts = [f"DROP TRIGGER IF EXISTS {_trigger(op)} ON {t};" for op in ("insert", "update", "delete")]
     if drops:
         parts.append(f"ALTER TABLE {t}\n  {drops};")
     return "\n".join(parts)

@@ -210,17 +210,14 @@ def _write_upserts(
 
     def attempt(part: pa.Table) -> str | None:
         lo, hi = int(part.column("_i")[0].as_py()), int(part.column("_i")[-1].as_py())
-        conn.execute("SAVEPOINT tidesync_rows")
         try:
-            if n_ins:
-                conn.execute(insert, [lo, hi])
-            if rows.num_rows > n_ins:
-                conn.execute(update, [lo, hi])
+            with conn.savepoint("tidesync_rows"):
+                if n_ins:
+                    conn.execute(insert, [lo, hi])
+                if rows.num_rows > n_ins:
+                    conn.execute(update, [lo, hi])
         except IntegrityError as exc:
-            conn.execute("ROLLBACK TO tidesync_rows")
-            conn.execute("RELEASE tidesync_rows")
             return _reason(exc)
-        conn.execute("RELEASE tidesync_rows")
         return None
 
     for pos, reason in quarantine_bisect(numbered, attempt):
@@ -329,15 +326,12 @@ def _write_deletes(
 
     def attempt(part: pa.Table) -> str | None:
         lo, hi = int(part.column("_i")[0].as_py()), int(part.column("_i")[-1].as_py())
-        conn.execute("SAVEPOINT tidesync_rows")
         try:
-            conn.execute(delete, [lo, hi])
-            conn.execute(upsert, [lo, hi])
+            with conn.savepoint("tidesync_rows"):
+                conn.execute(delete, [lo, hi])
+                conn.execute(upsert, [lo, hi])
         except IntegrityError as exc:
-            conn.execute("ROLLBACK TO tidesync_rows")
-            conn.execute("RELEASE tidesync_rows")
             return _reason(exc)
-        conn.execute("RELEASE tidesync_rows")
         return None
 
     for pos, reason in quarantine_bisect(numbered, attempt):

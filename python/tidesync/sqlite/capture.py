@@ -108,7 +108,7 @@ def to_wire(spec: TableSpec, stored: pa.Table, deleted: bool = False) -> pa.Tabl
     arrays = []
     for f in wire:
         if f.name == DELETED:
-            arrays.append(pa.array([deleted] * n, pa.bool_()) if n else pa.array([], pa.bool_()))
+            arrays.append(pa.repeat(pa.scalar(deleted), n))
             continue
         col = stored.column(f.name)
         if f.name in (HLC, NODE, BASE_HLC) or f.name.startswith("_hlc_"):
