@@ -67,7 +67,7 @@ def test_hard_delete_leaves_a_tombstone(demo_store: PostgresStore) -> None:
     assert t.num_rows == 1
     row = t.to_pylist()[0]
     assert row["_deleted"] is True and row["name"] is None and row["_hlc"] > hlc
-    assert str(row["id"]) and row["id"] == w1.tables["reference_data"].column("id")[0].as_py()
+    assert row["id"] == w1.tables["reference_data"].column("id")[0].as_py()
 
 
 def test_out_of_order_commit_lands_in_a_later_window(demo_store: PostgresStore) -> None:
