@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import date, datetime
 from typing import Any
@@ -133,7 +133,30 @@ class ApplyPlan:
     unchanged: int
 
 
-def plan_apply(spec: TableSpec, local: pa.Table, incoming: pa.Table, peer: str | None) -> ApplyPlan:
+@dataclass(frozen=True)
+class ApplyOptions:
+    """The two ways the hub and its nodes bend the plain apply (see docs/protocol.md, clocks).
+
+    ``restamped``: keys (per table) whose incoming version the receiver re-stamped
+    before applying (the central server clamps stamps too far ahead of its clock).
+    What gets written is then not the peer's version, so it goes back to the peer.
+
+    ``own_node``: set by a node applying what the hub sent. Where the hub holds one of
+    this node's own versions under a *lower* stamp than the local copy, the hub
+    clamped that stamp: the node takes the hub's version, so both converge. If the
+    local copy had changed since, its values go to the conflict log.
+    """
+
+    restamped: Mapping[str, pa.Array] = field(default_factory=dict)
+    own_node: str | None = None
+
+
+NO_OPTIONS = ApplyOptions()
+
+
+def plan_apply(
+    spec: TableSpec, local: pa.Table, incoming: pa.Table, peer: str | None, options: ApplyOptions = NO_OPTIONS
+) -> ApplyPlan:
     """Merge ``incoming`` (wire schema) into ``local`` (wire schema: live rows and tombstones).
 
     Rows that end up exactly as a version the peer sent are marked as coming from the
@@ -143,6 +166,10 @@ def plan_apply(spec: TableSpec, local: pa.Table, incoming: pa.Table, peer: str |
     key = spec.key
     distinct = _distinct_count(incoming.column(key))
     unique = distinct == incoming.num_rows
+    full_local = local
+    adopted = _no_conflicts(incoming.schema)
+    if options.own_node is not None and local.num_rows:
+        local, adopted = _adopt_restamped(spec, local, incoming, options.own_node)
     if local.num_rows == 0 and unique:
         # Nothing to merge with and one version per key: merge would return the batch
         # as it is (every row new, no conflicts). A first sync or a bulk load skips it.
@@ -150,7 +177,14 @@ def plan_apply(spec: TableSpec, local: pa.Table, incoming: pa.Table, peer: str |
     else:
         result = merge(local, incoming, key, spec.merge)
         rows, conflicts = result.rows, result.conflicts
+    if adopted.num_rows:
+        conflicts = pa.concat_tables([conflicts, adopted.cast(conflicts.schema)])
     origin = _origins(spec, rows, incoming, local, peer, unique=unique)
+    restamped = options.restamped.get(spec.name)
+    if restamped is not None and len(restamped) and rows.num_rows:
+        mine = pc.is_in(_storage(rows.column(key)), value_set=_storage(restamped))
+        origin = pc.if_else(mine, pa.scalar(None, pa.string()), origin)
+    local = full_local
     deleted = rows.column(DELETED)
     live_mask = pc.invert(deleted)
     local_live = local.filter(pc.invert(local.column(DELETED))).column(key)
@@ -167,6 +201,46 @@ def plan_apply(spec: TableSpec, local: pa.Table, incoming: pa.Table, peer: str |
     revived = pc.filter(inserts.column(key), pc.is_in(inserts.column(key), value_set=local_dead)).combine_chunks()
     unchanged = distinct - rows.num_rows
     return ApplyPlan(spec, inserts, updates, deletes, revived, conflicts, max(unchanged, 0))
+
+
+def _adopt_restamped(spec: TableSpec, local: pa.Table, incoming: pa.Table, own: str) -> tuple[pa.Table, pa.Table]:
+    """Drop from ``local`` our own versions that the hub sent back under a lower stamp.
+
+    Returns the remaining local rows and, for dropped rows whose values differ from the
+    hub's, conflict rows (the local version loses) so that nothing is lost silently.
+    """
+    key = spec.key
+    theirs = incoming.filter(pc.equal(incoming.column(NODE), own))
+    if theirs.num_rows == 0:
+        return local, _no_conflicts(incoming.schema)
+    mine = local.filter(
+        pc.and_(pc.equal(local.column(NODE), own), pc.is_in(local.column(key), value_set=_storage(theirs.column(key))))
+    )
+    if mine.num_rows == 0:
+        return local, _no_conflicts(incoming.schema)
+    joined = mine.select([key, HLC]).join(
+        theirs.select([key, HLC]).rename_columns([key, "_hub_hlc"]), key, join_type="inner"
+    )
+    lower = joined.filter(pc.less(joined.column("_hub_hlc"), joined.column(HLC))).column(key).combine_chunks()
+    if len(lower) == 0:
+        return local, _no_conflicts(incoming.schema)
+    drop = pc.is_in(local.column(key), value_set=lower)
+    kept = local.filter(pc.invert(drop))
+    losers = local.filter(drop)
+    hub = theirs.filter(pc.is_in(theirs.column(key), value_set=lower))
+    hub = hub.take(pc.index_in(losers.column(key), value_set=_storage(hub.column(key))))
+    lost: list[list[str]] = [[] for _ in range(losers.num_rows)]
+    for c in spec.data_columns:
+        a, b = losers.column(c.name), hub.column(c.name)
+        differ = pc.fill_null(pc.not_equal(a, b), True)
+        both_null = pc.and_(pc.is_null(a), pc.is_null(b))
+        for i, d in enumerate(pc.and_(differ, pc.invert(both_null)).to_pylist()):
+            if d:
+                lost[i].append(c.name)
+    keep = pa.array([bool(x) for x in lost])
+    conflicts = losers.append_column("_winner_hlc", hub.column(HLC)).append_column("_winner_node", hub.column(NODE))
+    conflicts = conflicts.append_column("_lost_columns", pa.array(lost, pa.list_(pa.string()))).filter(keep)
+    return kept, conflicts
 
 
 def _no_conflicts(schema: pa.Schema) -> pa.Table:

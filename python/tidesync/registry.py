@@ -218,11 +218,41 @@ def stamp_column(column: str) -> str:
     return f"_hlc_{column}"
 
 
+@dataclass(frozen=True)
+class Marks:
+    """The table that marks a patient for sync to a facility (a patient-scope row
+    reaches a facility where its patient is marked, with the patient's whole history).
+    A mark whose ``deleted`` column is set no longer counts."""
+
+    table: str = "patient_facilities"
+    patient: str = "patient_id"
+    facility: str = "facility_id"
+    deleted: str | None = "deleted_at"
+
+
+@dataclass(frozen=True)
+class Sensitivity:
+    """Where facilities are flagged sensitive (their patients' rows reach only them)."""
+
+    table: str = "facilities"
+    key: str = "id"
+    flag: str = "is_sensitive"
+
+
 class Registry:
     """The synced tables of a deployment, kept in foreign-key order (parents first)."""
 
-    def __init__(self, tables: Iterable[TableSpec], name: str = "custom") -> None:
+    def __init__(
+        self,
+        tables: Iterable[TableSpec],
+        name: str = "custom",
+        *,
+        marks: Marks | None = None,
+        sensitivity: Sensitivity | None = None,
+    ) -> None:
         self.name = name
+        self.marks = marks
+        self.sensitivity = sensitivity
         by_name: dict[str, TableSpec] = {}
         for t in tables:
             if t.name in by_name:
@@ -233,6 +263,15 @@ class Registry:
                 if p not in by_name and p != t.name:
                     raise SchemaMismatchError(f"table {t.name!r} references {p!r}, which is not a synced table")
         self._tables = {t.name: by_name[t.name] for t in _fk_order(by_name)}
+        scopes = [t.scope for t in by_name.values()]
+        if any(sc.kind is ScopeKind.PATIENT for sc in scopes):
+            if marks is None or marks.table not in by_name:
+                raise SchemaMismatchError("patient-scoped tables need `marks`: the synced table marking patients")
+            for col in (marks.patient, marks.facility, marks.deleted):
+                if col is not None:
+                    by_name[marks.table].column(col)
+        if any(sc.sensitive_column for sc in scopes) and (sensitivity is None or sensitivity.table not in by_name):
+            raise SchemaMismatchError("a sensitive-facility column needs `sensitivity`: the synced facilities table")
 
     def __iter__(self) -> Iterator[TableSpec]:
         return iter(self._tables.values())

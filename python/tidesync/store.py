@@ -13,7 +13,7 @@ from typing import Protocol
 
 import pyarrow as pa
 
-from tidesync.changes import ApplyResult, Window
+from tidesync.changes import NO_OPTIONS, ApplyOptions, ApplyResult, Window
 from tidesync.registry import Registry
 
 
@@ -42,12 +42,22 @@ class Store(Protocol):
         *,
         peer: str | None,
         cursor: tuple[str, int] | None = None,
+        options: ApplyOptions = NO_OPTIONS,
     ) -> ApplyResult:
         """Merge and write incoming change batches in one transaction.
 
         Conflicts go to the conflict log, rows the database rejects to the quarantine;
-        ``cursor=(name, value)`` is saved in the same transaction.
+        ``cursor=(name, value)`` is saved in the same transaction. ``options`` carry the
+        hub's clock clamping (see :class:`tidesync.changes.ApplyOptions`).
         """
+
+    def forget(self, table: str, keys: pa.Array, *, below: int) -> int:
+        """Delete rows by key without tombstones (push-then-delete), if unchanged since ``below``."""
+
+    def get_setting(self, name: str) -> str | None:
+        """A saved text setting (the sync client keeps its central URL and token here)."""
+
+    def set_setting(self, name: str, value: str) -> None: ...
 
     def get_cursor(self, name: str) -> int:
         """A saved cursor (0 if never saved)."""

@@ -23,7 +23,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from tidesync.changes import (
+    NO_OPTIONS,
     ORIGIN,
+    ApplyOptions,
     ApplyPlan,
     ApplyResult,
     TableApplyStats,
@@ -52,6 +54,7 @@ def apply_changes(
     *,
     peer: str | None,
     cursor: tuple[str, int] | None = None,
+    options: ApplyOptions = NO_OPTIONS,
 ) -> ApplyResult:
     """Merge and write ``batches`` (table name -> Arrow data) in one transaction."""
     unknown = [n for n in batches if n not in registry]
@@ -66,7 +69,7 @@ def apply_changes(
         cur.execute(f"SET LOCAL {APPLYING_GUC} = 'on'")
         cur.execute("SET CONSTRAINTS ALL DEFERRED")
         for spec in registry.ordered(incoming):
-            result.tables[spec.name] = _apply_table(cur, spec, incoming[spec.name], peer)
+            result.tables[spec.name] = _apply_table(cur, spec, incoming[spec.name], peer, options)
         if cursor is not None:
             _save_cursor(cur, *cursor)
         cur.execute("SET CONSTRAINTS ALL IMMEDIATE")
@@ -80,7 +83,9 @@ def _save_cursor(cur: Any, name: str, value: int) -> None:
     )
 
 
-def _apply_table(cur: Any, spec: TableSpec, incoming: pa.Table, peer: str | None) -> TableApplyStats:
+def _apply_table(
+    cur: Any, spec: TableSpec, incoming: pa.Table, peer: str | None, options: ApplyOptions
+) -> TableApplyStats:
     stats = TableApplyStats()
     if incoming.num_rows == 0:
         return stats
@@ -90,7 +95,7 @@ def _apply_table(cur: Any, spec: TableSpec, incoming: pa.Table, peer: str | None
                     peer)  # fmt: skip
         stats.quarantined += bad.num_rows
     local = _read_local(cur, spec, incoming.column(spec.key))
-    plan = plan_apply(spec, local, incoming, peer)
+    plan = plan_apply(spec, local, incoming, peer, options)
     stats.unchanged = plan.unchanged
     stats.inserted = _write(cur, spec, plan.inserts, peer, stats, _insert_rows)
     stats.updated = _write(cur, spec, plan.updates, peer, stats, _update_rows)

@@ -68,6 +68,11 @@ CREATE TABLE IF NOT EXISTS {SCHEMA}.cursors (
     value bigint NOT NULL,
     updated_at timestamptz NOT NULL DEFAULT now()
 );
+CREATE TABLE IF NOT EXISTS {SCHEMA}.settings (
+    name text PRIMARY KEY,
+    value text NOT NULL,
+    updated_at timestamptz NOT NULL DEFAULT now()
+);
 CREATE TABLE IF NOT EXISTS {SCHEMA}.conflicts (
     id bigserial PRIMARY KEY,
     table_name text NOT NULL,

@@ -7,12 +7,12 @@ from typing import Any
 
 import pyarrow as pa
 
-from tidesync.changes import ApplyResult, Window
+from tidesync.changes import NO_OPTIONS, ApplyOptions, ApplyResult, Window
 from tidesync.errors import NotInstalledError, SyncError
 from tidesync.pg import apply as _apply
 from tidesync.pg import capture, install
 from tidesync.pg.conn import connect
-from tidesync.pg.install import SCHEMA, ql
+from tidesync.pg.install import SCHEMA, qi, ql
 from tidesync.registry import Registry
 
 
@@ -77,9 +77,47 @@ class PostgresStore:
         return capture.read_window(self._conn, self.registry, cursor, peer=peer, tables=tables)
 
     def apply(
-        self, batches: Mapping[str, Any], *, peer: str | None, cursor: tuple[str, int] | None = None
+        self,
+        batches: Mapping[str, Any],
+        *,
+        peer: str | None,
+        cursor: tuple[str, int] | None = None,
+        options: ApplyOptions = NO_OPTIONS,
     ) -> ApplyResult:
-        return _apply.apply_changes(self._conn, self.registry, batches, peer=peer, cursor=cursor)
+        return _apply.apply_changes(self._conn, self.registry, batches, peer=peer, cursor=cursor, options=options)
+
+    def forget(self, table: str, keys: Any, *, below: int) -> int:
+        """Delete rows of ``table`` by key without leaving tombstones (push-then-delete).
+
+        Only rows last written before cursor ``below`` go: a row changed since it was
+        pushed stays until its new version has been pushed too.
+        """
+        spec = self.registry[table]
+        keys = pa.array(keys) if not isinstance(keys, (pa.Array, pa.ChunkedArray)) else keys
+        if len(keys) == 0:
+            return 0
+        from tidesync.pg.conn import transaction
+
+        with transaction(self._conn) as cur:
+            cur.execute(f"SET LOCAL {install.APPLYING_GUC} = 'on'")
+            _apply._stage(cur, spec, pa.table({spec.key: keys}), key_only=True)
+            k = qi(spec.key)
+            cur.execute(
+                f"DELETE FROM {qi(spec.name)} t USING {_apply.KEYS} s "
+                f"WHERE t.{k} = s.{k} AND t._cursor < '{int(below)}'::xid8"
+            )
+            return int(cur.rowcount)
+
+    def get_setting(self, name: str) -> str | None:
+        rows = self._query(f"SELECT value FROM {SCHEMA}.settings WHERE name = {ql(name)}")
+        return str(rows.column(0)[0].as_py()) if rows.num_rows else None
+
+    def set_setting(self, name: str, value: str) -> None:
+        with self._conn.cursor() as cur:
+            cur.execute(
+                f"INSERT INTO {SCHEMA}.settings (name, value) VALUES ({ql(name)}, {ql(value)}) "
+                "ON CONFLICT (name) DO UPDATE SET value = EXCLUDED.value, updated_at = now()"
+            )
 
     def get_cursor(self, name: str) -> int:
         rows = self._query(f"SELECT value FROM {SCHEMA}.cursors WHERE name = {ql(name)}")

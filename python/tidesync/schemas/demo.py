@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from importlib.resources import files
 
-from tidesync.registry import Column, Direction, Registry, Scope, TableSpec
+from tidesync.registry import Column, Direction, Marks, Registry, Scope, Sensitivity, TableSpec
 from tidesync.registry import LogicalType as T
 
 
@@ -117,7 +117,7 @@ TABLES = [
     ),
 ]  # fmt: skip
 
-REGISTRY = Registry(TABLES, name="demo")
+REGISTRY = Registry(TABLES, name="demo", marks=Marks(), sensitivity=Sensitivity())
 
 
 def app_ddl(dialect: str) -> str:

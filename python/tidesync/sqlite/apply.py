@@ -36,7 +36,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from tidesync.changes import (
+    NO_OPTIONS,
     ORIGIN,
+    ApplyOptions,
     ApplyPlan,
     ApplyResult,
     TableApplyStats,
@@ -87,6 +89,7 @@ def apply(
     batches: Mapping[str, pa.Table],
     peer: str | None,
     cursor: tuple[str, int] | None,
+    options: ApplyOptions = NO_OPTIONS,
 ) -> ApplyResult:
     # Check everything before writing anything: an unknown table or a wrong schema
     # fails the whole apply.
@@ -104,7 +107,7 @@ def apply(
         for spec in specs:
             batch = incoming[spec.name]
             if batch.num_rows:
-                plans[spec.name] = plan_apply(spec, _read_local(conn, spec, batch), batch, peer)
+                plans[spec.name] = plan_apply(spec, _read_local(conn, spec, batch), batch, peer, options)
                 stats = result.tables[spec.name]
                 stats.unchanged = plans[spec.name].unchanged
                 stats.conflicts = plans[spec.name].conflicts.num_rows

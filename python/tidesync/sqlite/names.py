@@ -13,6 +13,8 @@ CLOCK = "_tidesync_clock"
 #: One row: this node's id, the registry it was installed with, the format version.
 NODE_INFO = "_tidesync_node"
 CURSORS = "_tidesync_cursors"
+#: Key-value settings of the sync client (central URL, token, ...).
+SETTINGS = "_tidesync_settings"
 CONFLICTS = "_tidesync_conflicts"
 QUARANTINE = "_tidesync_quarantine"
 PREFIX = "_tidesync_"

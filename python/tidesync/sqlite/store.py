@@ -9,7 +9,7 @@ from types import TracebackType
 
 import pyarrow as pa
 
-from tidesync.changes import ApplyResult, Window
+from tidesync.changes import NO_OPTIONS, ApplyOptions, ApplyResult, Window, key_texts
 from tidesync.errors import NotInstalledError
 from tidesync.registry import LogicalType, Registry
 from tidesync.sqlite import apply as _apply
@@ -113,11 +113,52 @@ class SQLiteStore:
         *,
         peer: str | None,
         cursor: tuple[str, int] | None = None,
+        options: ApplyOptions = NO_OPTIONS,
     ) -> ApplyResult:
         """Merge and write incoming change batches in one transaction."""
         if self._infos is None:
             self._infos = {s.name: install.inspect(self._conn, s) for s in self.registry}
-        return _apply.apply(self._conn, self.registry, self._infos, batches, peer, cursor)
+        return _apply.apply(self._conn, self.registry, self._infos, batches, peer, cursor, options)
+
+    def forget(self, table: str, keys: pa.Array | list[object], *, below: int) -> int:
+        """Delete rows of ``table`` by key without leaving tombstones (push-then-delete).
+
+        Only rows last written before cursor ``below`` go: a row changed since it was
+        pushed stays until its new version has been pushed too.
+        """
+        spec = self.registry[table]
+        texts = key_texts(spec, keys if isinstance(keys, (pa.Array, pa.ChunkedArray)) else pa.array(keys))
+        if not texts:
+            return 0
+        t, k = quote(spec.name), quote(spec.key)
+        tomb = quote(names.tombstones(spec.name))
+        gone = 0
+        with self._conn.transaction("IMMEDIATE"):
+            for i in range(0, len(texts), 500):
+                part = texts[i : i + 500]
+                marks = ", ".join("?" * len(part))
+                doomed = f"SELECT {k} FROM main.{t} WHERE {k} IN ({marks}) AND {quote(names.CURSOR)} < ?"
+                keys_here = [r[0] for r in self._conn.rows(doomed, [*part, int(below)])]
+                if not keys_here:
+                    continue
+                marks = ", ".join("?" * len(keys_here))
+                self._conn.execute(f"DELETE FROM main.{t} WHERE {k} IN ({marks})", keys_here)
+                # The delete trigger left tombstones; forgetting is not deleting.
+                self._conn.execute(f"DELETE FROM main.{tomb} WHERE {k} IN ({marks})", keys_here)
+                gone += len(keys_here)
+        return gone
+
+    def get_setting(self, name: str) -> str | None:
+        v = self._conn.scalar(f"SELECT value FROM {quote(names.SETTINGS)} WHERE name = ?", [name])
+        return None if v is None else str(v)
+
+    def set_setting(self, name: str, value: str) -> None:
+        with self._conn.transaction("IMMEDIATE"):
+            self._conn.execute(
+                f"INSERT INTO {quote(names.SETTINGS)} (name, value) VALUES (?, ?) "
+                "ON CONFLICT (name) DO UPDATE SET value = excluded.value",
+                [name, value],
+            )
 
     # -------------------------------------------------------------------- bookkeeping
 
