@@ -7,6 +7,7 @@ line on stderr and exit with status 1 (2 for usage errors, as click does).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 from typing import Any
@@ -99,22 +100,15 @@ SCHEMAS = ("demo",)
 
 
 def _registry(name: str) -> Any:
-    if name == "demo":
-        from tidesync.schemas.demo import REGISTRY
+    from tidesync.schemas import registry_named
 
-        return REGISTRY
-    raise click.BadParameter(f"unknown schema {name!r}", param_hint="--schema")  # pragma: no cover
+    return registry_named(name)
 
 
 def open_store(db: str, registry: Any) -> Any:
-    """A store for ``db``: a PostgreSQL DSN (postgres:// or postgresql://) or a SQLite file path."""
-    if db.startswith(("postgres://", "postgresql://")) or "host=" in db or "dbname=" in db:
-        from tidesync.pg import PostgresStore
+    from tidesync.store import open_store as _open
 
-        return PostgresStore(db, registry)
-    from tidesync.sqlite import SQLiteStore
-
-    return SQLiteStore(db, registry)
+    return _open(db, registry)
 
 
 _db_option = click.option(
@@ -171,6 +165,181 @@ def schema_status(db: str, schema_name: str) -> None:
         for name, table in window.tables.items():
             click.echo(f"  {name:<26} {table.num_rows:>10} versions")
         click.echo(f"conflicts logged: {store.conflicts().num_rows}; quarantined rows: {store.quarantine().num_rows}")
+
+
+# ----------------------------------------------------------------------------- central server
+
+
+@main.group("central")
+def central_group() -> None:
+    """Set up and run the central server."""
+
+
+@central_group.command("init")
+@click.option("--db", required=True, envvar="TIDESYNC_DB", help="PostgreSQL DSN of the central database.")
+@_schema_option
+def central_init(db: str, schema_name: str) -> None:
+    """Make a PostgreSQL database the central server (idempotent)."""
+    from tidesync.pg import PostgresStore
+    from tidesync.sync import central
+
+    with PostgresStore(db, _registry(schema_name)) as store:
+        central.init(store)
+    click.echo("central server database ready; register nodes with `tidesync central add-node`")
+
+
+@central_group.command("add-node")
+@click.option("--db", required=True, envvar="TIDESYNC_DB", help="PostgreSQL DSN of the central database.")
+@click.option("--name", required=True, help="The node's name, which is also its node id.")
+@click.option("--kind", type=click.Choice(["facility", "mobile"]), required=True)
+@click.option("--facility", "facility_id", required=True, help="The facility (uuid) the node belongs to.")
+@_schema_option
+def central_add_node(db: str, name: str, kind: str, facility_id: str, schema_name: str) -> None:
+    """Register a node; prints its token on the last line (shown once, stored only as a hash)."""
+    from tidesync.pg import PostgresStore
+    from tidesync.sync import central
+
+    with PostgresStore(db, _registry(schema_name)) as store:
+        token = central.add_node(store, name, kind, facility_id)
+    click.echo(f"node {name!r} ({kind}, facility {facility_id}) registered; its token:", err=True)
+    click.echo(token)
+
+
+@central_group.command("serve")
+@click.option("--db", required=True, envvar="TIDESYNC_DB", help="PostgreSQL DSN of the central database.")
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", type=int, default=8700, show_default=True)
+@click.option("--cert", type=click.Path(exists=True, dir_okay=False), help="TLS certificate (PEM).")
+@click.option("--key", type=click.Path(exists=True, dir_okay=False), help="TLS private key (PEM).")
+@click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True, help="Worker processes.")
+@click.option("--max-drift-ms", type=click.IntRange(min=0), default=None, help="Clamp stamps this far ahead.")
+@click.option("--max-page-bytes", type=click.IntRange(min=1024), default=None, help="Largest page accepted.")
+@_schema_option
+def central_serve(db: str, host: str, port: int, cert: str | None, key: str | None, workers: int,
+                  max_drift_ms: int | None, max_page_bytes: int | None, schema_name: str) -> None:  # fmt: skip
+    """Serve the sync protocol over HTTP(S) until interrupted."""
+    from tidesync.pg import PostgresStore
+    from tidesync.sync import central
+    from tidesync.sync.client import is_loopback
+    from tidesync.sync.serve import serve
+
+    registry = _registry(schema_name)
+    with PostgresStore(db, registry) as store, store.connection.cursor() as cur:
+        central._require_central(cur)
+    if cert is None and not is_loopback(host):
+        click.echo(f"tidesync: warning: serving plain HTTP on {host}; nodes will refuse it unless they pass "
+                   "--allow-http. Use --cert and --key.", err=True)  # fmt: skip
+    defaults = central.Settings()
+    settings = central.Settings(
+        max_drift_ms=defaults.max_drift_ms if max_drift_ms is None else max_drift_ms,
+        max_page_bytes=defaults.max_page_bytes if max_page_bytes is None else max_page_bytes,
+    )
+    serve(db, registry, host=host, port=port, certfile=cert, keyfile=key, workers=workers, settings=settings)
+
+
+# ----------------------------------------------------------------------------- nodes
+
+
+@main.group("node")
+def node_group() -> None:
+    """Set up a facility server or mobile device as a sync node."""
+
+
+@node_group.command("init")
+@_db_option
+@click.option("--central", "url", required=True, help="The central server's URL (https://...).")
+@click.option("--token", required=True, help="The node's token from `tidesync central add-node`.")
+@click.option("--ca", type=click.Path(exists=True, dir_okay=False), help="CA bundle to verify the server with.")
+@click.option("--allow-http", is_flag=True, help="Allow plain HTTP to a non-loopback address.")
+@_schema_option
+def node_init(db: str, url: str, token: str, ca: str | None, allow_http: bool, schema_name: str) -> None:
+    """Install tidesync in the node's database and remember its central server."""
+    from tidesync.sync.client import init_node
+
+    registry = _registry(schema_name)
+    with open_store(db, registry) as store:
+        if registry.name == "demo":
+            store.create_app_tables()  # the demo's DDL is idempotent (IF NOT EXISTS)
+        node_id = init_node(store, url, token, ca=ca, allow_http=allow_http)
+    click.echo(f"node {node_id!r} ready; run `tidesync sync --db {db}`")
+
+
+@main.command("sync")
+@_db_option
+@click.option("--watch", is_flag=True, help="Keep syncing every --interval seconds.")
+@click.option("--interval", type=click.FloatRange(min=0.1), default=None,
+              help="Seconds between cycles with --watch (default: 60 on PostgreSQL, 300 on SQLite).")  # fmt: skip
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per cycle on stdout.")
+@_schema_option
+def sync_cmd(db: str, watch: bool, interval: float | None, as_json: bool, schema_name: str) -> None:
+    """Sync with the central server: one cycle, or forever with --watch."""
+    from rich.console import Console
+
+    from tidesync.sync import client as sync_client
+
+    console = Console(stderr=True)
+    with open_store(db, _registry(schema_name)) as store, sync_client.client_for(store) as central:
+
+        def show(report: Any, error: BaseException | None) -> None:
+            if as_json:
+                data = report.as_dict() if report is not None else {"ok": False, "error": f"{type(error).__name__}: {error}"}
+                click.echo(json.dumps(data))
+            elif report is not None:
+                console.print(
+                    f"synced: pushed {report.pushed_rows} rows, pulled {report.pulled_rows} rows, "
+                    f"{report.conflicts} conflicts, {report.quarantined} quarantined, "
+                    f"{report.seconds:.2f} s"
+                )
+            else:
+                console.print(f"[red]sync failed:[/] {type(error).__name__}: {error}; will retry")
+
+        if not watch:
+            with _progress(console, as_json) as progress:
+                report = sync_client.sync_once(store, central, progress=progress)
+            show(report, None)
+            return
+        kind = "postgres" if type(store).__name__ == "PostgresStore" else "sqlite"
+        every = interval if interval is not None else sync_client.DEFAULT_INTERVAL_S[kind]
+        try:
+            sync_client.watch(store, central, every, on_cycle=show)
+        except KeyboardInterrupt:
+            console.print("stopped")
+
+
+@contextlib.contextmanager
+def _progress(console: Any, quiet: bool) -> Any:
+    """A rich progress bar for pages pushed and pulled (nothing when printing JSON)."""
+    if quiet:
+        yield None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), console=console,
+                  transient=True) as bar:  # fmt: skip
+        tasks: dict[str, Any] = {}
+
+        def step(what: str, done: int, total: int) -> None:
+            if what not in tasks:
+                tasks[what] = bar.add_task(f"{what} pages", total=total)
+            bar.update(tasks[what], completed=done, total=total)
+
+        yield step
+
+
+@main.command("status")
+@_db_option
+@click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
+@_schema_option
+def status_cmd(db: str, as_json: bool, schema_name: str) -> None:
+    """What a node (cursors, pending changes, conflicts, quarantine) or the central server
+    (nodes, recent sessions) looks like."""
+    from tidesync.sync.status import node_status, render
+
+    info = node_status(db, _registry(schema_name))
+    if as_json:
+        click.echo(json.dumps(info, default=str))
+    else:
+        render(info)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -69,3 +69,14 @@ class Store(Protocol):
 
     def quarantine(self, table: str | None = None) -> pa.Table:
         """Rows that could not be written: table, key, row (JSON), reason, peer."""
+
+
+def open_store(db: str, registry: Registry) -> Store:
+    """The store for ``db``: a PostgreSQL DSN (``postgresql://...``) or a SQLite file path."""
+    if db.startswith(("postgres://", "postgresql://")) or "host=" in db or "dbname=" in db:
+        from tidesync.pg import PostgresStore
+
+        return PostgresStore(db, registry)
+    from tidesync.sqlite import SQLiteStore
+
+    return SQLiteStore(db, registry)
