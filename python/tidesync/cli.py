@@ -214,9 +214,11 @@ def central_add_node(db: str, name: str, kind: str, facility_id: str, schema_nam
 @click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True, help="Worker processes.")
 @click.option("--max-drift-ms", type=click.IntRange(min=0), default=None, help="Clamp stamps this far ahead.")
 @click.option("--max-page-bytes", type=click.IntRange(min=1024), default=None, help="Largest page accepted.")
+@click.option("--page-rows", type=click.IntRange(min=1), default=None, help="Rows per page (both directions).")
 @_schema_option
 def central_serve(db: str, host: str, port: int, cert: str | None, key: str | None, workers: int,
-                  max_drift_ms: int | None, max_page_bytes: int | None, schema_name: str) -> None:  # fmt: skip
+                  max_drift_ms: int | None, max_page_bytes: int | None, page_rows: int | None,
+                  schema_name: str) -> None:  # fmt: skip
     """Serve the sync protocol over HTTP(S) until interrupted."""
     from tidesync.pg import PostgresStore
     from tidesync.sync import central
@@ -233,6 +235,7 @@ def central_serve(db: str, host: str, port: int, cert: str | None, key: str | No
     settings = central.Settings(
         max_drift_ms=defaults.max_drift_ms if max_drift_ms is None else max_drift_ms,
         max_page_bytes=defaults.max_page_bytes if max_page_bytes is None else max_page_bytes,
+        page_rows=defaults.page_rows if page_rows is None else page_rows,
     )
     serve(db, registry, host=host, port=port, certfile=cert, keyfile=key, workers=workers, settings=settings)
 

@@ -27,7 +27,7 @@ def test_insert_and_update_are_stamped(demo_store: PostgresStore) -> None:
     dsn = demo_store.dsn
     pid = seed_patient(dsn)
     first = _patient(demo_store)
-    assert first["_node"] == "facility-a" and first["_base_hlc"] is None and first["_deleted"] is False
+    assert first["_node"] == "facility-a" and first["_base_hlc"] == first["_hlc"] and first["_deleted"] is False
     assert all(first[f"_hlc_{c}"] == first["_hlc"] for c in ("display_id", "first_name", "last_name"))
     run(dsn, f"UPDATE patients SET first_name = 'Anne', sex = 'female' WHERE id = '{pid}'")
     second = _patient(demo_store)

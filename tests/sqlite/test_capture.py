@@ -28,7 +28,7 @@ def test_insert_stamps_the_row(store: SQLiteStore, app: App) -> None:
     row = app.row("patients", pid)
     ms, counter = hlc_unpack(row["_hlc"])
     assert before - 1 <= ms <= after + 1 and counter == 0
-    assert row["_node"] == "device-a" and row["_base_hlc"] is None and row["_origin"] is None
+    assert row["_node"] == "device-a" and row["_base_hlc"] == row["_hlc"] and row["_origin"] is None
     assert set(stamps(PATIENTS, row).values()) == {row["_hlc"]}
     # Record-mode tables get no field stamps, but the same row stamps.
     village = app.row("reference_data", row["village_id"])
@@ -44,7 +44,7 @@ def test_update_restamps_only_the_changed_columns(store: SQLiteStore, app: App) 
     changed = {c for c, s in stamps(PATIENTS, new).items() if s != old[f"_hlc_{c}"]}
     assert changed == {"first_name", "sex"}  # last_name was set to the value it had
     assert new["_hlc_first_name"] == new["_hlc"]
-    assert new["_base_hlc"] is None  # still this node's own chain of edits
+    assert new["_base_hlc"] == old["_hlc"]  # still this node's own chain: the creation is the base
 
 
 def test_update_hlc_follows_the_old_stamp_even_if_the_clock_is_behind(store: SQLiteStore, app: App) -> None:

@@ -144,7 +144,7 @@ BEGIN
     NEW._cursor := pg_current_xact_id();
     NEW._hlc := h;
     NEW._node := {me};
-    NEW._base_hlc := NULL;
+    NEW._base_hlc := h;  -- a new record is its own base: its creator has changed nothing since
     NEW._origin := NULL;
 {ins_stamps}    RETURN NEW;
 END $fn$;

@@ -7,7 +7,7 @@ clauses below stop the recursion even when it is on):
 
 - ``AFTER INSERT ... WHEN NEW._cursor IS NULL``: a new cursor, ``_hlc = now_ms << 16``
   (above the key's tombstone if it had one, which the insert removes), this node,
-  no base, no origin; field stamps = ``_hlc``.
+  ``_base_hlc = _hlc`` (a new record is its own base), no origin; field stamps = ``_hlc``.
 - ``AFTER UPDATE ... WHEN NEW._cursor IS OLD._cursor``: a new cursor,
   ``_hlc = max(now_ms << 16, OLD._hlc + 1)``, ``_base_hlc`` kept if the old version was
   ours, else the old ``_hlc``; a field stamp moves only where ``NEW.c IS NOT OLD.c``.
@@ -60,7 +60,7 @@ def trigger_ddl(spec: TableSpec, node_id: str, rowid: bool = True) -> list[str]:
     # Insert: above the key's tombstone (delete and re-insert within one millisecond
     # must order after the delete), and the tombstone goes.
     ins_hlc = f"max({NOW_HLC}, coalesce((SELECT _hlc + 1 FROM {tomb} WHERE {k} = NEW.{k}), 0))"
-    ins_sets = [f"_cursor = {cursor}", f"_hlc = {ins_hlc}", f"_node = {me}", "_base_hlc = NULL", "_origin = NULL"]
+    ins_sets = [f"_cursor = {cursor}", f"_hlc = {ins_hlc}", f"_node = {me}", f"_base_hlc = {ins_hlc}", "_origin = NULL"]
     upd_sets = [f"_cursor = {cursor}", f"_hlc = {next_hlc}", f"_node = {me}", f"_base_hlc = {base}", "_origin = NULL"]
     if spec.field_wise:
         for c in spec.data_columns:

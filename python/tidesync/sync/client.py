@@ -22,6 +22,7 @@ import contextlib
 import ipaddress
 import json
 import random
+import ssl
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -94,6 +95,7 @@ class CentralClient:
         allow_http: bool = False,
         timeout_s: float = 120.0,
         retry: Retry = Retry(),
+        transport: httpx.BaseTransport | None = None,
     ) -> None:
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https"):
@@ -108,8 +110,9 @@ class CentralClient:
         self._http = httpx.Client(
             base_url=self.url,
             headers={"authorization": f"Bearer {token}"},
-            verify=ca if ca else True,
+            verify=ssl.create_default_context(cafile=ca) if ca else True,
             timeout=httpx.Timeout(timeout_s, connect=10.0),
+            transport=transport,
         )
         self.bytes_up = 0
         self.bytes_down = 0

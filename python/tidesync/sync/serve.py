@@ -23,13 +23,15 @@ from tidesync.sync.server import create_app
 
 _ENV_DSN, _ENV_SCHEMA = "TIDESYNC_CENTRAL_DSN", "TIDESYNC_CENTRAL_SCHEMA"
 _ENV_DRIFT, _ENV_PAGE = "TIDESYNC_CENTRAL_MAX_DRIFT_MS", "TIDESYNC_CENTRAL_MAX_PAGE_BYTES"
+_ENV_ROWS = "TIDESYNC_CENTRAL_PAGE_ROWS"
 
 
 def _app_from_env() -> Any:
     """The app factory for multi-worker serving (each worker process builds its own)."""
     from tidesync.schemas import registry_named
 
-    settings = Settings(max_drift_ms=int(os.environ[_ENV_DRIFT]), max_page_bytes=int(os.environ[_ENV_PAGE]))
+    settings = Settings(max_drift_ms=int(os.environ[_ENV_DRIFT]), max_page_bytes=int(os.environ[_ENV_PAGE]),
+                        page_rows=int(os.environ[_ENV_ROWS]))  # fmt: skip
     return create_app(os.environ[_ENV_DSN], registry_named(os.environ[_ENV_SCHEMA]), settings)
 
 
@@ -52,7 +54,7 @@ def serve(
     tls = {"ssl_certfile": certfile, "ssl_keyfile": keyfile} if certfile else {}
     if workers > 1:
         os.environ.update({_ENV_DSN: dsn, _ENV_SCHEMA: registry.name, _ENV_DRIFT: str(settings.max_drift_ms),
-                           _ENV_PAGE: str(settings.max_page_bytes)})  # fmt: skip
+                           _ENV_PAGE: str(settings.max_page_bytes), _ENV_ROWS: str(settings.page_rows)})  # fmt: skip
         uvicorn.run("tidesync.sync.serve:_app_from_env", factory=True, host=host, port=port, workers=workers,
                     log_level=log_level, http="httptools", **tls)  # type: ignore[arg-type]  # fmt: skip
         return
@@ -66,14 +68,24 @@ class BackgroundServer:
     ``with BackgroundServer(dsn, registry) as server: server.url``. Stops on exit.
     """
 
-    def __init__(self, dsn: str, registry: Registry, *, port: int = 0, settings: Settings | None = None) -> None:
+    def __init__(
+        self,
+        dsn: str,
+        registry: Registry,
+        *,
+        port: int = 0,
+        settings: Settings | None = None,
+        certfile: str | None = None,
+        keyfile: str | None = None,
+    ) -> None:
         self.app = create_app(dsn, registry, settings)
         self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self._sock.bind(("127.0.0.1", port))
         self.port = self._sock.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
-        config = uvicorn.Config(self.app, log_level="warning", lifespan="on", timeout_graceful_shutdown=5, http="httptools")
+        self.url = f"{'https' if certfile else 'http'}://127.0.0.1:{self.port}"
+        config = uvicorn.Config(self.app, log_level="warning", lifespan="on", timeout_graceful_shutdown=5,
+                                http="httptools", ssl_certfile=certfile, ssl_keyfile=keyfile)  # fmt: skip
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [self._sock]}, daemon=True)
 

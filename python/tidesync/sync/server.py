@@ -195,4 +195,6 @@ def create_app(dsn: str, registry: Registry, settings: central.Settings | None =
         pool.close()
         readers.close()
 
-    return Starlette(routes=routes, lifespan=lifespan, max_body_size=settings.max_page_bytes + 1024)
+    app = Starlette(routes=routes, lifespan=lifespan, max_body_size=settings.max_page_bytes + 1024)
+    app.state.settings = settings
+    return app
