@@ -105,10 +105,10 @@ def _registry(name: str) -> Any:
     return registry_named(name)
 
 
-def open_store(db: str, registry: Any) -> Any:
+def open_store(db: str, registry: Any, *, create: bool = False) -> Any:
     from tidesync.store import open_store as _open
 
-    return _open(db, registry)
+    return _open(db, registry, create=create)
 
 
 _db_option = click.option(
@@ -136,7 +136,7 @@ def schema() -> None:
 def schema_install(db: str, schema_name: str, node_id: str, create_tables: bool) -> None:
     """Add metadata columns, capture triggers, tombstones and bookkeeping. Idempotent."""
     registry = _registry(schema_name)
-    with open_store(db, registry) as store:
+    with open_store(db, registry, create=True) as store:
         if create_tables:
             store.create_app_tables()
         store.install(node_id)
@@ -260,7 +260,7 @@ def node_init(db: str, url: str, token: str, ca: str | None, allow_http: bool, s
     from tidesync.sync.client import init_node
 
     registry = _registry(schema_name)
-    with open_store(db, registry) as store:
+    with open_store(db, registry, create=True) as store:
         if registry.name == "demo":
             store.create_app_tables()  # the demo's DDL is idempotent (IF NOT EXISTS)
         node_id = init_node(store, url, token, ca=ca, allow_http=allow_http)

@@ -71,12 +71,21 @@ class Store(Protocol):
         """Rows that could not be written: table, key, row (JSON), reason, peer."""
 
 
-def open_store(db: str, registry: Registry) -> Store:
-    """The store for ``db``: a PostgreSQL DSN (``postgresql://...``) or a SQLite file path."""
+def open_store(db: str, registry: Registry, *, create: bool = False) -> Store:
+    """The store for ``db``: a PostgreSQL DSN (``postgresql://...``) or a SQLite file path.
+
+    A SQLite file must exist unless ``create`` (setting up a node creates it).
+    """
     if db.startswith(("postgres://", "postgresql://")) or "host=" in db or "dbname=" in db:
         from tidesync.pg import PostgresStore
 
         return PostgresStore(db, registry)
+    from pathlib import Path
+
+    from tidesync.errors import SyncError
     from tidesync.sqlite import SQLiteStore
+
+    if not create and not Path(db).exists():
+        raise SyncError(f"no database at {db}: give a PostgreSQL URL or an existing SQLite file (.db/.sqlite)")
 
     return SQLiteStore(db, registry)

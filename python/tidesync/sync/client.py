@@ -222,6 +222,7 @@ Progress = Callable[[str, int, int], None]
 
 def client_for(store: Store, *, retry: Retry = Retry()) -> CentralClient:
     """The central client configured in a node's database by ``tidesync node init``."""
+    store.node_id()  # NotInstalledError (with what to run) when this is no node at all
     url, token = store.get_setting(SETTING_URL), store.get_setting(SETTING_TOKEN)
     if not url or not token:
         raise SyncError("this database is not set up as a node: run `tidesync node init --central URL --token TOKEN`")
