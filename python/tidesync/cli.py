@@ -59,7 +59,7 @@ def version() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON on stdout.")
 @click.option(
     "--only",
-    type=click.Choice(["diff", "merge", "digest", "hlc", "window", "apply", "triggers"]),
+    type=click.Choice(["diff", "merge", "digest", "hlc", "window", "apply", "triggers", "sync", "incremental", "load"]),
     multiple=True,
     help="Run only this benchmark (repeatable).",
 )
@@ -68,30 +68,48 @@ def bench(rows: int, repeats: int, as_json: bool, only: tuple[str, ...], db: str
     """Time the core and the PostgreSQL store against DuckDB, polars, COPY, MERGE and the Python reference."""
     from rich.console import Console
 
-    from tidesync.bench import core_bench, store_bench
+    from tidesync.bench import core_bench, store_bench, sync_bench
 
     console = Console(stderr=as_json)
     core = [s for s in only if s in core_bench.SECTIONS] if only else list(core_bench.SECTIONS)
     store = [s for s in only if s in store_bench.SECTIONS] if only else list(store_bench.SECTIONS)
+    network = [s for s in only if s in sync_bench.SECTIONS] if only else list(sync_bench.SECTIONS)
     results = []
     if core:
         results += core_bench.run_core_bench(rows, repeats, console, only=core, show_table=not as_json)
     if store:
         results += store_bench.run_store_bench(rows, repeats, console, only=store, dsn=db, show_table=not as_json)
+    if network:
+        results += sync_bench.run_sync_bench(rows, repeats, console, only=network, dsn=db, show_table=not as_json)
     if as_json:
         out = {"rows": rows, "repeats": repeats, "machine": core_bench.machine_info(), "results": results}
         click.echo(json.dumps(out, indent=2))
 
 
 @main.command()
-@click.option("--patients", type=click.IntRange(min=1), default=20_000, show_default=True, help="Rows per copy.")
-@click.option("--facilities", type=click.IntRange(min=1), default=2, show_default=True, help="Offline nodes.")
-@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON on stdout.")
-def demo(patients: int, facilities: int, as_json: bool) -> None:
-    """Run the end-to-end sync demo (capture, merge, pull, verify by digest)."""
-    from tidesync.demo import run_demo
+@click.option("--workdir", type=click.Path(file_okay=False), default=None,
+              help="Directory for the mobile device's SQLite file (kept); default: a temporary directory, removed.")
+@click.option("--patients", type=click.IntRange(min=50), default=5_000, show_default=True,
+              help="Synthetic patients (each with encounters and vitals).")
+@click.option("--facilities", type=click.IntRange(min=2), default=2, show_default=True,
+              help="Facility servers (PostgreSQL databases).")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON on stdout (progress on stderr).")
+def demo(workdir: str | None, patients: int, facilities: int, as_json: bool) -> None:
+    """Run a whole sync network here: central, facilities and a mobile device, over HTTP.
 
-    summary = run_demo(patients=patients, facilities=facilities, json_output=as_json)
+    Starts a throwaway PostgreSQL, generates patients, walks through initial sync,
+    field-wise merge of offline edits, an offline facility catching up, a patient
+    moving facility and an outreach device, then verifies every node's scope and
+    prints per-cycle timings. Cleans up after itself.
+    """
+    from tidesync.demo import DemoCheckFailed, run_demo
+
+    try:
+        summary = run_demo(patients=patients, facilities=facilities, workdir=workdir, json_output=as_json)
+    except DemoCheckFailed as exc:
+        if as_json:
+            click.echo(json.dumps(exc.summary, indent=2, default=str))
+        raise
     if as_json:
         click.echo(json.dumps(summary, indent=2, default=str))
 
