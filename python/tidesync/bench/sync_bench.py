@@ -271,17 +271,22 @@ def _bench_incremental(server: str, central_dsn: str, rows: int, repeats: int, r
                     init_node(store, server_proc.url, token)
                 _sync_subprocess(db)
             runs: list[float] = []
-            half = changes // 2
+            patients = max(1, size // 5)
+            q = max(1, changes // 4)  # patients per side per cycle; each has two vitals
+
+            def chosen(first: int, i: int) -> str:
+                """Patient ids for cycle ``i`` (wrapping inside one half of the patients)."""
+                half = max(1, patients // 2)
+                return (f"SELECT md5('p' || ({offset} + {first} + (g - 1) % {half} + 1))::uuid "
+                        f"FROM generate_series({i * q + 1}, {i * q + q}) g")  # fmt: skip
+
             with rep.step(f"incremental cycles on {size:,} rows"), PostgresStore(db, REGISTRY) as store:
                 client = CentralClient(server_proc.url, store.get_setting("central_token") or "", retry=Retry())
                 for i in range(repeats + 1):
                     # Half the changes made at the facility (pushed), half at central (pulled).
-                    _sql(db, f"UPDATE vitals SET heart_rate = heart_rate + 1 WHERE id IN "
-                             f"(SELECT id FROM vitals WHERE patient_id IN (SELECT md5('p' || g)::uuid "
-                             f"FROM generate_series({offset + 1 + i * half}, {offset + i * half + half // 2}) g))")
-                    _sql(central_dsn, f"UPDATE vitals SET spo2 = 99 WHERE id IN (SELECT id FROM vitals WHERE "
-                                      f"patient_id IN (SELECT md5('p' || g)::uuid FROM generate_series("
-                                      f"{offset + size // 10 + 1 + i * half}, {offset + size // 10 + i * half + half // 2}) g))")  # fmt: skip
+                    _sql(db, f"UPDATE vitals SET heart_rate = heart_rate + 1 WHERE patient_id IN ({chosen(0, i)})")
+                    _sql(central_dsn, f"UPDATE vitals SET spo2 = 99 - {i} WHERE patient_id IN "
+                                      f"({chosen(patients // 2, i)})")  # fmt: skip
                     start = time.perf_counter()
                     report = sync_once(store, client)
                     if i:  # the first cycle warms caches

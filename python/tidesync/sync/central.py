@@ -151,6 +151,8 @@ def init(store: PostgresStore) -> None:
     store.install(CENTRAL_NODE)
     with transaction(store.connection) as cur:
         execute_script(cur, CENTRAL_DDL)
+        if (index := scope.marks_index_sql(store.registry)) is not None:
+            cur.execute(index)
 
 
 def add_node(store: PostgresStore, name: str, kind: str, facility_id: str) -> str:

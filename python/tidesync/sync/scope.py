@@ -50,8 +50,31 @@ def scope_condition(registry: Registry, spec: TableSpec, node: Node, alias: str 
     col = f"{alias}.{qi(sc.column)}"
     if sc.kind in (ScopeKind.FACILITY, ScopeKind.SENSITIVE_FACILITY):
         return f"{col} = {_facility_literal(spec, sc.column, node)}"
-    cond = f"{col} IN ({marked_patients_sql(registry, node)})"
-    return f"{cond} AND {sensitive_condition(registry, spec, node, alias)}"
+    return f"{is_marked(registry, node, col)} AND {sensitive_condition(registry, spec, node, alias)}"
+
+
+def is_marked(registry: Registry, node: Node, patient: str) -> str:
+    """SQL: the patient (an expression) is marked for the node's facility.
+
+    A correlated EXISTS, so that a window of a few changed rows probes the marks index
+    a few times instead of reading every mark of the facility (cost follows changes).
+    """
+    m = registry.marks
+    assert m is not None
+    spec = registry[m.table]
+    alive = f" AND m.{qi(m.deleted)} IS NULL" if m.deleted else ""
+    return (
+        f"EXISTS (SELECT 1 FROM {qi(m.table)} m WHERE m.{qi(m.patient)} = {patient} "
+        f"AND m.{qi(m.facility)} = {_facility_literal(spec, m.facility, node)}{alive})"
+    )
+
+
+def marks_index_sql(registry: Registry) -> str | None:
+    """The index the central server keeps on the marks table for :func:`is_marked`."""
+    m = registry.marks
+    if m is None:
+        return None
+    return f"CREATE INDEX IF NOT EXISTS tidesync_marks ON {qi(m.table)} ({qi(m.patient)}, {qi(m.facility)})"
 
 
 def sensitive_condition(registry: Registry, spec: TableSpec, node: Node, alias: str = "t") -> str:
@@ -144,8 +167,14 @@ def check_push_patients(store: PostgresStore, batches: Mapping[str, pa.Table], n
         allowed: set[str] = set()
         if scoped:
             assert marks is not None
-            cur.execute(marked_patients_sql(registry, node))
-            allowed = {str(v) for v in _plain(cur.fetch_arrow_table().column(0))}
+            wanted = sorted({p for spec in scoped for p in _distinct_texts(
+                spec, batches[spec.name].filter(pc.invert(batches[spec.name].column(DELETED))).column(spec.scope.column or ""))})  # fmt: skip
+            if wanted:
+                ptype = registry[marks.table].column(marks.patient).type.pg
+                listed = ", ".join(ql(p) for p in wanted)
+                cur.execute(f"SELECT p::text FROM unnest(ARRAY[{listed}]::{ptype}[]) p "
+                            f"WHERE {is_marked(registry, node, 'p')}")  # fmt: skip
+                allowed = {str(v) for v in cur.fetch_arrow_table().column(0).to_pylist()}
             pushed_marks = batches.get(marks.table)
             if pushed_marks is not None and pushed_marks.num_rows:
                 mspec = registry[marks.table]
