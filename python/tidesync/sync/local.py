@@ -86,7 +86,7 @@ class LocalNetwork:
         else:
             db = str(self.workdir / f"{self.prefix}_{name}.db")
             store = SQLiteStore(db, self.registry)
-        store.create_app_tables()  # type: ignore[attr-defined]
+        store.create_app_tables()
         init_node(store, self.url, token)
         node = LocalNode(name, kind, facility_id, store, db, token)
         self.nodes[name] = node

@@ -95,7 +95,8 @@ def encode_page(table_name: str, rows: pa.Table) -> bytes:
     options = pa.ipc.IpcWriteOptions(compression="zstd")
     with pa.ipc.new_stream(sink, schema, options=options) as writer:
         writer.write_table(rows.replace_schema_metadata(schema.metadata), max_chunksize=PAGE_ROWS)
-    return sink.getvalue().to_pybytes()
+    data: bytes = sink.getvalue().to_pybytes()
+    return data
 
 
 def split_pages(table_name: str, rows: pa.Table, page_rows: int = PAGE_ROWS) -> list[bytes]:

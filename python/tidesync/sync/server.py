@@ -33,11 +33,11 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from tidesync.errors import SyncError
+from tidesync.errors import ProtocolError, SyncError
 from tidesync.pg.store import PostgresStore
 from tidesync.registry import Registry
 from tidesync.sync import central
-from tidesync.sync.protocol import CONTENT_TYPE, ERRORS, PayloadTooLargeError, ProtocolError, error_type
+from tidesync.sync.protocol import CONTENT_TYPE, ERRORS, PayloadTooLargeError, error_type
 
 log = logging.getLogger("tidesync.server")
 
