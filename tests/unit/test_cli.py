@@ -21,16 +21,29 @@ def test_version() -> None:
     assert out.stdout.strip() == f"tidesync {tidesync.__version__}"
 
 
-def test_demo_converges_and_reports_json() -> None:
-    out = run("demo", "--patients", "3000", "--json")
+def test_demo_runs_the_network_and_reports_json(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    out = run("demo", "--patients", "200", "--workdir", str(tmp_path), "--json")
     assert out.returncode == 0, out.stderr
-    report = json.loads(out.stdout)
-    assert report["converged"] is True
-    assert report["repaired"] is True
-    assert report["divergent_rows_found"] == 3
-    # Both facilities edited the same phone numbers of some patients: logged, not lost.
+    report = json.loads(out.stdout)  # human output went to stderr
+    assert report["ok"] is True
+    assert report["verified"] and all(report["verified"].values()), report["verified"]
+    names = [s["name"] for s in report["steps"]]
+    assert names == ["setup", "generate", "initial sync", "field-wise merge", "offline catch-up", "patient moves",
+                     "outreach", "final round", "verify"]  # fmt: skip
+    cycles = [c for s in report["steps"] for c in s["cycles"]]
+    assert {c["node"] for c in cycles} == {"facility-1", "facility-2", "outreach-1"}
+    assert all(c["seconds"] > 0 and "pull_apply" in c["phases"] for c in cycles)
+    initial = next(s for s in report["steps"] if s["name"] == "initial sync")
+    assert all(c["pulled_rows"] > 200 for c in initial["cycles"])  # every patient, plus its own history
+    # Both facilities edited the same first names offline: logged at central, not lost.
     assert report["conflicts_logged"] > 0
-    assert {s["name"] for s in report["steps"]} >= {"verify by digest"}
+    # The mobile device's database lives in --workdir and stays; PostgreSQL is gone.
+    assert [p.suffix for p in tmp_path.iterdir()] == [".db"]
+
+
+def test_demo_needs_two_facilities() -> None:
+    out = run("demo", "--facilities", "1")
+    assert out.returncode == 2 and "--facilities" in out.stderr
 
 
 def test_unknown_command_fails_with_usage_error() -> None:
