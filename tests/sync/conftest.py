@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import sqlite3
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -13,6 +12,7 @@ from typing import Any
 import pytest
 
 from tidesync.schemas.demo import REGISTRY
+from tidesync.sqlite.conn import Connection
 from tidesync.sync import central
 from tidesync.sync.local import LocalNetwork, LocalNode
 from tests.conftest import PgServer
@@ -30,11 +30,15 @@ def sql(node: LocalNode | LocalNetwork, *statements: str) -> None:
     elif node.kind == "facility":
         pg_run(node.db, *statements)
     else:
-        with sqlite3.connect(node.db) as db:
+        # The store's SQLite (ADBC), not the stdlib's: see docs/sqlite.md, one library per process.
+        db = Connection(node.db)
+        try:
             db.execute("PRAGMA foreign_keys = ON")
-            for s in statements:
-                db.execute(s)
-        db.close()
+            with db.transaction("IMMEDIATE"):
+                for s in statements:
+                    db.execute(s)
+        finally:
+            db.close()
 
 
 def query(node: LocalNode | LocalNetwork, q: str) -> list[tuple[Any, ...]]:
@@ -42,10 +46,11 @@ def query(node: LocalNode | LocalNetwork, q: str) -> list[tuple[Any, ...]]:
         return pg_rows(node.central_dsn, q)
     if node.kind == "facility":
         return pg_rows(node.db, q)
-    with sqlite3.connect(node.db) as db:
-        out = list(db.execute(q).fetchall())
-    db.close()
-    return out
+    db = Connection(node.db)
+    try:
+        return db.rows(q)
+    finally:
+        db.close()
 
 
 def ids(node: LocalNode | LocalNetwork, table: str) -> set[str]:

@@ -366,15 +366,20 @@ def _bench_load(server: str, central_dsn: str, repeats: int, rep: _Reporter, per
 
 
 def _mobile_changes(store: SQLiteStore, facility: str, n: int, *, seed: int) -> None:
-    """``n`` new patients (with marks) written on a mobile device, as its application would."""
-    import sqlite3
+    """``n`` new patients (with marks) written on a mobile device, as its application would
+    (through the store's own SQLite library: see docs/sqlite.md)."""
+    from tidesync.sqlite.conn import Connection
 
-    with sqlite3.connect(store.path) as db:
-        rows = [(str(uuid.uuid5(uuid.NAMESPACE_URL, f"load/{seed}/{k}")), f"L{seed}-{k}") for k in range(n // 2)]
-        db.executemany("INSERT INTO patients (id, display_id, first_name) VALUES (?, ?, 'Load')", rows)
-        db.executemany("INSERT INTO patient_facilities (id, patient_id, facility_id) VALUES (?, ?, ?)",
-                       [(str(uuid.uuid5(uuid.NAMESPACE_URL, f"mark/{p}")), p, facility) for p, _ in rows])  # fmt: skip
-    db.close()
+    db = Connection(store.path)
+    try:
+        with db.transaction("IMMEDIATE"):
+            for k in range(n // 2):
+                p = str(uuid.uuid5(uuid.NAMESPACE_URL, f"load/{seed}/{k}"))
+                db.execute("INSERT INTO patients (id, display_id, first_name) VALUES (?, ?, 'Load')", [p, f"L{seed}-{k}"])
+                db.execute("INSERT INTO patient_facilities (id, patient_id, facility_id) VALUES (?, ?, ?)",
+                           [str(uuid.uuid5(uuid.NAMESPACE_URL, f"mark/{p}")), p, facility])  # fmt: skip
+    finally:
+        db.close()
 
 
 def run_sync_bench(

@@ -74,16 +74,17 @@ class SQLiteStore:
 
     def create_app_tables(self) -> None:
         """Create the demo application's tables from its shipped DDL (demo schema only)."""
-        import sqlite3
-
         from tidesync.errors import SyncError
+        from tidesync.pg.conn import split_sql
         from tidesync.schemas.demo import app_ddl
 
         if self.registry.name != "demo":
             raise SyncError(f"no shipped DDL for registry {self.registry.name!r}: create the tables yourself")
-        with sqlite3.connect(self.path) as db:  # executescript: the DDL is a multi-statement file
-            db.executescript(app_ddl("sqlite"))
-        db.close()
+        # Through the store's own connection: a second SQLite library in this process
+        # (the stdlib's) would break the file's locks (see docs/sqlite.md).
+        with self._conn.transaction("IMMEDIATE"):
+            for statement in split_sql(app_ddl("sqlite")):
+                self._conn.execute(statement)
 
     def install(self, node_id: str) -> None:
         """Add metadata columns, triggers, tombstones and bookkeeping. Idempotent."""
