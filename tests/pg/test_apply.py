@@ -202,3 +202,19 @@ def test_bulk_path_locks_the_table_and_applies_the_same(make_demo_store, monkeyp
     r = central.apply(a.read_window(w1.watermark).tables, peer="facility-a")
     assert (r.tables["vitals"].inserted, r.tables["vitals"].updated, r.tables["vitals"].deleted) == (1, 2, 1)
     assert sorted(x[0] for x in rows(central.dsn, "SELECT heart_rate FROM vitals")) == [70, 170, 172]
+
+
+def test_apply_settings_stay_inside_its_transaction(make_demo_store) -> None:  # type: ignore[no-untyped-def]
+    a: PostgresStore = make_demo_store("facility-a")
+    central: PostgresStore = make_demo_store("central")
+    seed_patient(a.dsn)
+    with central.connection.cursor() as cur:
+        cur.execute("SELECT current_setting('work_mem')")
+        before = cur.fetchone()[0]
+    assert central.apply(a.read_window(0).tables, peer="facility-a").total("inserted") == 2
+    with central.connection.cursor() as cur:
+        # apply raises work_mem for its joins with SET LOCAL: the session keeps its own.
+        cur.execute("SELECT current_setting('work_mem')")
+        assert cur.fetchone()[0] == before
+        cur.execute("SELECT current_setting('tidesync.applying', true)")
+        assert cur.fetchone()[0] in (None, "")

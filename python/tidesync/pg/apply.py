@@ -45,6 +45,11 @@ KEYS = "_tidesync_keys"
 #: Above this many incoming keys, apply locks the table against writers instead of rows.
 ROW_LOCK_LIMIT = 50_000
 STAGE = "_tidesync_stage"
+#: Memory per hash/sort step of the apply transaction. The joins of a bulk apply (the
+#: staged keys against the table, the staged updates against the table) hash up to a
+#: million rows; with the server default (4MB) they spill to temporary files in 8-32
+#: batches. Allocated only as used, and only inside the apply transaction (SET LOCAL).
+WORK_MEM = "256MB"
 
 
 def apply_changes(
@@ -67,6 +72,7 @@ def apply_changes(
     result = ApplyResult()
     with transaction(conn) as cur:
         cur.execute(f"SET LOCAL {APPLYING_GUC} = 'on'")
+        cur.execute(f"SET LOCAL work_mem = '{WORK_MEM}'")
         cur.execute("SET CONSTRAINTS ALL DEFERRED")
         for spec in registry.ordered(incoming):
             result.tables[spec.name] = _apply_table(cur, spec, incoming[spec.name], peer, options)
