@@ -218,3 +218,33 @@ def test_apply_settings_stay_inside_its_transaction(make_demo_store) -> None:  #
         assert cur.fetchone()[0] == before
         cur.execute("SELECT current_setting('tidesync.applying', true)")
         assert cur.fetchone()[0] in (None, "")
+
+
+@pytest.mark.parametrize(
+    ("errcode", "what"),
+    [("query_canceled", "a cancelled statement (Ctrl-C, statement_timeout)"), ("deadlock_detected", "a deadlock")],
+)
+def test_an_error_that_is_not_about_the_rows_fails_the_apply_and_quarantines_nothing(  # type: ignore[no-untyped-def]
+    make_demo_store, errcode: str, what: str
+) -> None:
+    # Regression: apply used to treat every database error as "bad rows" and bisect, so
+    # a cancelled statement quarantined good rows and the sync moved past them.
+    a: PostgresStore = make_demo_store("facility-a")
+    central: PostgresStore = make_demo_store("central")
+    pid = seed_patient(a.dsn)
+    seed_encounter(a.dsn, pid, vitals=4)
+    w = a.read_window(0)
+    run(
+        central.dsn,
+        "CREATE FUNCTION interrupt() RETURNS trigger LANGUAGE plpgsql AS "
+        f"$$ BEGIN RAISE EXCEPTION '{what}' USING ERRCODE = '{errcode}'; END $$",
+        "CREATE TRIGGER interrupt BEFORE INSERT ON vitals FOR EACH ROW EXECUTE FUNCTION interrupt()",
+    )
+    with pytest.raises(Exception, match=what.split(" (")[0]):
+        central.apply(w.tables, peer="facility-a", cursor=("facility-a", w.watermark))
+    assert one(central.dsn, "SELECT count(*) FROM patients") == 0  # all or nothing
+    assert central.quarantine("vitals").num_rows == 0
+    assert central.get_cursor("facility-a") != w.watermark
+    run(central.dsn, "DROP TRIGGER interrupt ON vitals")
+    assert central.apply(w.tables, peer="facility-a", cursor=("facility-a", w.watermark)).total("quarantined") == 0
+    assert one(central.dsn, "SELECT count(*) FROM vitals") == 4

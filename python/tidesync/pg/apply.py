@@ -189,7 +189,9 @@ def _write(cur: Any, spec: TableSpec, rows: pa.Table, peer: str | None, stats: T
             # caught while we can still tell which batch it was in.
             cur.execute("SET CONSTRAINTS ALL IMMEDIATE")
             cur.execute("SET CONSTRAINTS ALL DEFERRED")
-        except Exception as exc:  # noqa: BLE001 - any database error quarantines the batch's bad rows
+        except Exception as exc:  # noqa: BLE001 - a database error about the rows quarantines them
+            if not _blames_the_rows(exc):
+                raise
             cur.execute("ROLLBACK TO SAVEPOINT tidesync_write")
             return _error_text(exc)
         cur.execute("RELEASE SAVEPOINT tidesync_write")
@@ -201,6 +203,20 @@ def _write(cur: Any, spec: TableSpec, rows: pa.Table, peer: str | None, stats: T
         _quarantine(cur, spec, rows.take(idx), [(reason, i) for i, (_, reason) in enumerate(bad)], peer)
         stats.quarantined += len(bad)
     return int(rows.num_rows) - len(bad)
+
+
+#: SQLSTATE classes that say nothing about the rows: a cancelled statement (Ctrl-C, a
+#: statement timeout, an administrator), a deadlock or serialization failure, a lost
+#: connection, a full disk, a server shutting down. Bisecting would "quarantine" good
+#: rows; the whole apply must fail instead, so the caller can retry it later.
+_NOT_THE_ROWS = ("08", "25", "40", "53", "54", "55", "57", "58", "XX")
+
+
+def _blames_the_rows(exc: Exception) -> bool:
+    state = getattr(exc, "sqlstate", None) or ""
+    if isinstance(exc.__cause__, KeyboardInterrupt) or isinstance(exc.__context__, KeyboardInterrupt):
+        return False
+    return not state.startswith(_NOT_THE_ROWS)
 
 
 def _error_text(exc: Exception) -> str:
