@@ -248,3 +248,34 @@ def test_an_error_that_is_not_about_the_rows_fails_the_apply_and_quarantines_not
     run(central.dsn, "DROP TRIGGER interrupt ON vitals")
     assert central.apply(w.tables, peer="facility-a", cursor=("facility-a", w.watermark)).total("quarantined") == 0
     assert one(central.dsn, "SELECT count(*) FROM vitals") == 4
+
+
+def test_bulk_load_into_an_empty_table_quarantines_orphans_and_keeps_the_constraints(  # type: ignore[no-untyped-def]
+    make_demo_store, monkeypatch
+) -> None:
+    import tidesync.pg.apply as pg_apply
+
+    monkeypatch.setattr(pg_apply, "ROW_LOCK_LIMIT", 1)  # every table is a bulk load into an empty table
+    a: PostgresStore = make_demo_store("facility-a")
+    central: PostgresStore = make_demo_store("central")
+    declared = rows(central.dsn, "SELECT conrelid::regclass::text, conname, pg_get_constraintdef(oid) "
+                                 "FROM pg_constraint WHERE contype = 'f' ORDER BY 1, 2")  # fmt: skip
+    pid = seed_patient(a.dsn)
+    seed_encounter(a.dsn, pid, vitals=4)
+    w = a.read_window(0)
+    vitals = w.tables["vitals"]
+    enc = vitals.column("encounter_id").to_pylist()
+    enc[1] = uuid.uuid4().bytes  # an encounter that exists nowhere
+    vitals = vitals.set_column(vitals.schema.get_field_index("encounter_id"), "encounter_id",
+                               pa.array(enc, pa.binary(16)))  # fmt: skip
+    result = central.apply({**w.tables, "vitals": vitals}, peer="facility-a")
+    assert (result.tables["vitals"].inserted, result.tables["vitals"].quarantined) == (3, 1)
+    q = central.quarantine("vitals").to_pylist()
+    assert len(q) == 1 and "vitals_encounter_id_fkey" in q[0]["reason"]
+    assert json.loads(q[0]["row_data"])["id"] == str(uuid.UUID(bytes=vitals.column("id")[1].as_py()))
+    assert one(central.dsn, "SELECT count(*) FROM vitals") == 3
+    # The foreign keys are back exactly as declared, and enforced.
+    assert rows(central.dsn, "SELECT conrelid::regclass::text, conname, pg_get_constraintdef(oid) "
+                             "FROM pg_constraint WHERE contype = 'f' ORDER BY 1, 2") == declared  # fmt: skip
+    with pytest.raises(Exception, match="foreign key"):
+        run(central.dsn, f"UPDATE vitals SET encounter_id = '{uuid.uuid4()}'")

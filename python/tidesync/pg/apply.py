@@ -36,6 +36,7 @@ from tidesync.changes import (
     rows_as_json,
 )
 from tidesync.errors import SchemaMismatchError
+from tidesync.pg import bulk_load
 from tidesync.pg.capture import wire_columns
 from tidesync.pg.conn import transaction
 from tidesync.pg.install import APPLYING_GUC, SCHEMA, qi, ql, tomb_table
@@ -73,6 +74,7 @@ def apply_changes(
     with transaction(conn) as cur:
         cur.execute(f"SET LOCAL {APPLYING_GUC} = 'on'")
         cur.execute(f"SET LOCAL work_mem = '{WORK_MEM}'")
+        cur.execute(f"SET LOCAL maintenance_work_mem = '{WORK_MEM}'")  # index builds of a bulk load
         cur.execute("SET CONSTRAINTS ALL DEFERRED")
         for spec in registry.ordered(incoming):
             result.tables[spec.name] = _apply_table(cur, spec, incoming[spec.name], peer, options)
@@ -100,10 +102,15 @@ def _apply_table(
         _quarantine(cur, spec, bad, [("a version needs a key, _hlc and _node", i) for i in range(bad.num_rows)],
                     peer)  # fmt: skip
         stats.quarantined += bad.num_rows
-    local = _read_local(cur, spec, incoming.column(spec.key))
+    keys = incoming.column(spec.key)
+    empty = len(keys) > ROW_LOCK_LIMIT and _lock_and_check_empty(cur, spec)
+    local = spec.wire_schema().empty_table() if empty else _read_local(cur, spec, keys)
     plan = plan_apply(spec, local, incoming, peer, options)
     stats.unchanged = plan.unchanged
-    stats.inserted = _write(cur, spec, plan.inserts, peer, stats, _insert_rows)
+    if empty:
+        stats.inserted = _load_empty(cur, spec, plan.inserts, peer, stats)
+    else:
+        stats.inserted = _write(cur, spec, plan.inserts, peer, stats, _insert_rows)
     stats.updated = _write(cur, spec, plan.updates, peer, stats, _update_rows)
     stats.deleted = _write(cur, spec, plan.deletes, peer, stats, _delete_rows)
     if len(plan.revived):
@@ -144,15 +151,17 @@ def _stage(cur: Any, spec: TableSpec, table: pa.Table, *, key_only: bool = False
         cur.execute(f"ANALYZE {name}")  # temp tables have no statistics; the joins need them
 
 
+def _lock_and_check_empty(cur: Any, spec: TableSpec) -> bool:
+    """Lock the table against writers for a bulk apply; True when it has no rows and no
+    tombstones (seeding, a first sync): then there is nothing to read or merge."""
+    cur.execute(f"LOCK TABLE {qi(spec.name)} IN SHARE ROW EXCLUSIVE MODE")
+    cur.execute(f"SELECT EXISTS (SELECT 1 FROM {qi(spec.name)}) OR EXISTS (SELECT 1 FROM {tomb_table(spec)})")
+    return not cur.fetchone()[0]
+
+
 def _read_local(cur: Any, spec: TableSpec, keys: pa.ChunkedArray) -> pa.Table:
     """The local versions of ``keys`` in the wire schema: live rows (locked), else tombstones."""
     k = qi(spec.key)
-    if len(keys) > ROW_LOCK_LIMIT:
-        cur.execute(f"LOCK TABLE {qi(spec.name)} IN SHARE ROW EXCLUSIVE MODE")
-        # A bulk load into an empty table (seeding, a first sync) has nothing to read.
-        cur.execute(f"SELECT EXISTS (SELECT 1 FROM {qi(spec.name)}) OR EXISTS (SELECT 1 FROM {tomb_table(spec)})")
-        if not cur.fetchone()[0]:
-            return spec.wire_schema().empty_table()
     _stage(cur, spec, pa.table({spec.key: pc.unique(keys.combine_chunks())}), key_only=True)
     # What we merge against must be what we overwrite: an application write to one of
     # these rows has to wait for this transaction. Small batches lock just their rows;
@@ -217,6 +226,25 @@ def _blames_the_rows(exc: Exception) -> bool:
     if isinstance(exc.__cause__, KeyboardInterrupt) or isinstance(exc.__context__, KeyboardInterrupt):
         return False
     return not state.startswith(_NOT_THE_ROWS)
+
+
+def _load_empty(cur: Any, spec: TableSpec, rows: pa.Table, peer: str | None, stats: TableApplyStats) -> int:
+    """Insert a large batch into an empty table as ``pg_restore`` would (see
+    :mod:`tidesync.pg.bulk_load`): rows without a parent are quarantined afterwards,
+    found by one anti-join per foreign key instead of a lookup per row."""
+    aside = bulk_load.set_aside(cur, spec.name)
+    if aside is None:  # not ours to alter: the ordinary path
+        return _write(cur, spec, rows, peer, stats, _insert_rows)
+    rows = rows.take(pc.sort_indices(rows.column(spec.key)))
+    written = _write(cur, spec, rows, peer, stats, _insert_rows)
+    orphans = bulk_load.restore(cur, aside, spec.key)
+    if orphans:
+        texts = key_texts(spec, rows.column(spec.key))
+        idx = [i for i, t in enumerate(texts) if t in orphans]
+        _quarantine(cur, spec, rows.take(pa.array(idx, pa.int64())), [(orphans[texts[i]], n) for n, i in
+                                                                      enumerate(idx)], peer)  # fmt: skip
+        stats.quarantined += len(idx)
+    return written - len(orphans)
 
 
 def _error_text(exc: Exception) -> str:
