@@ -51,6 +51,18 @@ class Store(Protocol):
         hub's clock clamping (see :class:`tidesync.changes.ApplyOptions`).
         """
 
+    def apply_parts(
+        self,
+        parts: Iterable[tuple[str, pa.Table]],
+        *,
+        peer: str | None,
+        cursor: tuple[str, int] | None = None,
+        options: ApplyOptions = NO_OPTIONS,
+    ) -> ApplyResult:
+        """Like :meth:`apply`, for a stream of ``(table, batch)`` parts in foreign-key
+        order (the pages of a pull), still in one transaction. PostgreSQL holds one part
+        at a time; SQLite gathers them (a mobile's scope is small)."""
+
     def forget(self, table: str, keys: pa.Array, *, below: int) -> int:
         """Delete rows by key without tombstones (push-then-delete), if unchanged since ``below``."""
 

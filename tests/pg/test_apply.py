@@ -255,7 +255,7 @@ def test_bulk_load_into_an_empty_table_quarantines_orphans_and_keeps_the_constra
 ) -> None:
     import tidesync.pg.apply as pg_apply
 
-    monkeypatch.setattr(pg_apply, "ROW_LOCK_LIMIT", 1)  # every table is a bulk load into an empty table
+    monkeypatch.setattr(pg_apply, "LOAD_MIN_ROWS", 1)  # every table is a bulk load into an empty table
     a: PostgresStore = make_demo_store("facility-a")
     central: PostgresStore = make_demo_store("central")
     declared = rows(central.dsn, "SELECT conrelid::regclass::text, conname, pg_get_constraintdef(oid) "
@@ -279,3 +279,46 @@ def test_bulk_load_into_an_empty_table_quarantines_orphans_and_keeps_the_constra
                              "FROM pg_constraint WHERE contype = 'f' ORDER BY 1, 2") == declared  # fmt: skip
     with pytest.raises(Exception, match="foreign key"):
         run(central.dsn, f"UPDATE vitals SET encounter_id = '{uuid.uuid4()}'")
+
+
+def test_streamed_parts_load_in_bulk_and_fall_back_to_merging_cleanly(  # type: ignore[no-untyped-def]
+    make_demo_store, monkeypatch
+) -> None:
+    import tidesync.pg.apply as pg_apply
+
+    monkeypatch.setattr(pg_apply, "LOAD_MIN_ROWS", 1)
+    a: PostgresStore = make_demo_store("facility-a")
+    central: PostgresStore = make_demo_store("central")
+    pid = seed_patient(a.dsn)
+    seed_encounter(a.dsn, pid, vitals=6)
+    run(a.dsn, "DELETE FROM vitals WHERE heart_rate = 75")  # a tombstone in the stream
+    w = a.read_window(0)
+    vitals = w.tables["vitals"].sort_by("_deleted")  # live rows first, the tombstone last
+    temp = vitals.column("temperature_c").to_pylist()
+    temp[3] = 99.0  # violates the CHECK: the part holding it cannot go straight in
+    vitals = vitals.set_column(vitals.schema.get_field_index("temperature_c"), "temperature_c", pa.array(temp))
+    parts = [(name, t) for name, t in w.tables.items() if name != "vitals"]
+    parts += [("vitals", vitals.slice(0, 2)), ("vitals", vitals.slice(2, 2)), ("vitals", vitals.slice(4))]
+    again = parts[-1]  # the last part delivered twice changes nothing
+    r = central.apply_parts([*parts, again], peer="facility-a", cursor=("facility-a", w.watermark))
+    v = r.tables["vitals"]
+    assert (v.inserted, v.quarantined, v.deleted) == (4, 1, 1), v
+    assert sorted(x[0] for x in rows(central.dsn, "SELECT heart_rate FROM vitals")) == [70, 71, 72, 74]
+    assert one(central.dsn, "SELECT count(*) FROM tidesync.vitals__tombstones") == 1
+    assert central.get_cursor("facility-a") == w.watermark
+    assert one(central.dsn, "SELECT count(*) FROM pg_indexes WHERE indexname = 'vitals_patient'") == 1
+    with pytest.raises(Exception, match="foreign key"):
+        run(central.dsn, f"UPDATE vitals SET patient_id = '{uuid.uuid4()}'")
+    # Apply the same stream to the same database again: all unchanged.
+    r2 = central.apply_parts(parts, peer="facility-a")
+    assert r2.tables["vitals"].unchanged == 5 and r2.tables["vitals"].inserted == 0
+
+
+def test_streamed_parts_name_an_unknown_table_and_apply_nothing(make_demo_store) -> None:  # type: ignore[no-untyped-def]
+    a: PostgresStore = make_demo_store("facility-a")
+    central: PostgresStore = make_demo_store("central")
+    seed_patient(a.dsn)
+    w = a.read_window(0)
+    with pytest.raises(SchemaMismatchError, match="unknown table 'nope'"):
+        central.apply_parts([*w.tables.items(), ("nope", w.tables["patients"])], peer="facility-a")
+    assert one(central.dsn, "SELECT count(*) FROM patients") == 0

@@ -89,15 +89,15 @@ def test_crash_between_pull_and_apply_loses_nothing(network: Net) -> None:
     class Crash(Exception):
         pass
 
-    original = a.store.apply
+    original = a.store.apply_parts
 
     def dying_apply(*args: object, **kw: object) -> object:
         raise Crash()
 
-    a.store.apply = dying_apply  # type: ignore[method-assign]
+    a.store.apply_parts = dying_apply  # type: ignore[method-assign]
     with pytest.raises(Crash):
         a.sync()
-    a.store.apply = original  # type: ignore[method-assign]
+    a.store.apply_parts = original  # type: ignore[method-assign]
     assert not set(pids) & ids(a, "patients")
     assert a.sync().pulled_rows >= 3
     assert set(pids) <= ids(a, "patients")

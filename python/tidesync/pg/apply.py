@@ -16,7 +16,8 @@ versions keep their stamps, and ``_origin`` remembers the peer they came from.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import pyarrow as pa
@@ -45,6 +46,9 @@ from tidesync.registry import BASE_HLC, DELETED, HLC, NODE, Registry, TableSpec,
 KEYS = "_tidesync_keys"
 #: Above this many incoming keys, apply locks the table against writers instead of rows.
 ROW_LOCK_LIMIT = 50_000
+#: A table's first part of at least this many rows checks whether the table is empty,
+#: and if so loads it in bulk (:mod:`tidesync.pg.bulk_load`).
+LOAD_MIN_ROWS = 10_000
 STAGE = "_tidesync_stage"
 #: Memory per hash/sort step of the apply transaction. The joins of a bulk apply (the
 #: staged keys against the table, the staged updates against the table) hash up to a
@@ -70,14 +74,39 @@ def apply_changes(
         )
     # Validate every batch before writing anything: a wrong schema applies nothing.
     incoming = {name: conform(batch, registry[name], "incoming batch") for name, batch in batches.items()}
+    parts = ((spec.name, incoming[spec.name]) for spec in registry.ordered(incoming))
+    return apply_parts(conn, registry, parts, peer=peer, cursor=cursor, options=options)
+
+
+def apply_parts(
+    conn: Any,
+    registry: Registry,
+    parts: Iterable[tuple[str, Any]],
+    *,
+    peer: str | None,
+    cursor: tuple[str, int] | None = None,
+    options: ApplyOptions = NO_OPTIONS,
+) -> ApplyResult:
+    """Merge and write a stream of ``(table name, batch)`` parts in one transaction.
+
+    Only one part is held at a time, so memory stays flat however large the stream
+    (the pages of a first sync). Parts come in foreign-key order (a parent's before its
+    children's), as a pull's pages do; the parts of one table follow each other.
+    """
     result = ApplyResult()
     with transaction(conn) as cur:
         cur.execute(f"SET LOCAL {APPLYING_GUC} = 'on'")
         cur.execute(f"SET LOCAL work_mem = '{WORK_MEM}'")
         cur.execute(f"SET LOCAL maintenance_work_mem = '{WORK_MEM}'")  # index builds of a bulk load
         cur.execute("SET CONSTRAINTS ALL DEFERRED")
-        for spec in registry.ordered(incoming):
-            result.tables[spec.name] = _apply_table(cur, spec, incoming[spec.name], peer, options)
+        applier = _Applier(cur, peer, options, result)
+        for name, batch in parts:
+            if name not in registry:
+                raise SchemaMismatchError(
+                    f"unknown table {name!r}: the registry {registry.name!r} syncs {', '.join(registry.names)}"
+                )
+            applier.part(registry[name], conform(batch, registry[name], "incoming batch"))
+        applier.finish()
         if cursor is not None:
             _save_cursor(cur, *cursor)
         cur.execute("SET CONSTRAINTS ALL IMMEDIATE")
@@ -91,33 +120,97 @@ def _save_cursor(cur: Any, name: str, value: int) -> None:
     )
 
 
-def _apply_table(
-    cur: Any, spec: TableSpec, incoming: pa.Table, peer: str | None, options: ApplyOptions
-) -> TableApplyStats:
-    stats = TableApplyStats()
-    if incoming.num_rows == 0:
-        return stats
-    incoming, bad = _reject_unusable(spec, incoming)
-    if bad.num_rows:
-        _quarantine(cur, spec, bad, [("a version needs a key, _hlc and _node", i) for i in range(bad.num_rows)],
-                    peer)  # fmt: skip
-        stats.quarantined += bad.num_rows
-    keys = incoming.column(spec.key)
-    empty = len(keys) > ROW_LOCK_LIMIT and _lock_and_check_empty(cur, spec)
-    local = spec.wire_schema().empty_table() if empty else _read_local(cur, spec, keys)
-    plan = plan_apply(spec, local, incoming, peer, options)
-    stats.unchanged = plan.unchanged
-    if empty:
-        stats.inserted = _load_empty(cur, spec, plan.inserts, peer, stats)
-    else:
-        stats.inserted = _write(cur, spec, plan.inserts, peer, stats, _insert_rows)
-    stats.updated = _write(cur, spec, plan.updates, peer, stats, _update_rows)
-    stats.deleted = _write(cur, spec, plan.deletes, peer, stats, _delete_rows)
-    if len(plan.revived):
-        _stage(cur, spec, pa.table({spec.key: plan.revived}), key_only=True)
-        cur.execute(f"DELETE FROM {tomb_table(spec)} t USING {KEYS} k WHERE t.{qi(spec.key)} = k.{qi(spec.key)}")
-    stats.conflicts = _log_conflicts(cur, spec, plan, peer)
-    return stats
+@dataclass
+class _Load:
+    """A table being bulk-loaded (it was empty when its first large part came)."""
+
+    spec: TableSpec
+    aside: bulk_load.SetAside
+    #: While true, a part of live rows goes straight in with COPY: nothing local can
+    #: match it (the parts of a pull carry each key once). Any tombstone, or a part
+    #: that does not go in cleanly, ends that and the rest merges as usual.
+    straight: bool = True
+
+
+class _Applier:
+    """Applies parts one by one inside the open transaction."""
+
+    def __init__(self, cur: Any, peer: str | None, options: ApplyOptions, result: ApplyResult) -> None:
+        self.cur, self.peer, self.options, self.result = cur, peer, options, result
+        self.seen: set[str] = set()
+        self.load: _Load | None = None
+
+    def part(self, spec: TableSpec, incoming: pa.Table) -> None:
+        if self.load is not None and self.load.spec.name != spec.name:
+            self._end_load()
+        stats = self.result.tables.setdefault(spec.name, TableApplyStats())
+        if incoming.num_rows == 0:
+            return
+        cur = self.cur
+        incoming, bad = _reject_unusable(spec, incoming)
+        if bad.num_rows:
+            _quarantine(cur, spec, bad, [("a version needs a key, _hlc and _node", i) for i in range(bad.num_rows)],
+                        self.peer)  # fmt: skip
+            stats.quarantined += bad.num_rows
+        if spec.name not in self.seen:
+            self.seen.add(spec.name)
+            if incoming.num_rows >= LOAD_MIN_ROWS and _lock_and_check_empty(cur, spec):
+                aside = bulk_load.set_aside(cur, spec.name)
+                self.load = _Load(spec, aside) if aside is not None else None
+        if self.load is not None and self.load.straight:
+            if pc.any(incoming.column(DELETED)).as_py():
+                self.load.straight = False
+            elif self._straight_in(spec, incoming, stats):
+                return
+            else:
+                self.load.straight = False
+        self._merge(spec, incoming, stats)
+
+    def finish(self) -> None:
+        if self.load is not None:
+            self._end_load()
+
+    def _straight_in(self, spec: TableSpec, incoming: pa.Table, stats: TableApplyStats) -> bool:
+        """COPY a part of a bulk load, sorted by key (the primary key index then grows at
+        its right edge); False, with nothing written, if the database refuses any row."""
+        plan = plan_apply(spec, spec.wire_schema().empty_table(), incoming, self.peer, self.options)
+        rows = plan.inserts.take(pc.sort_indices(plan.inserts.column(spec.key)))
+        self.cur.execute("SAVEPOINT tidesync_load")
+        try:
+            _insert_rows(self.cur, spec, rows)
+        except Exception as exc:  # noqa: BLE001 - a bad row: this part merges the slow way
+            if not _blames_the_rows(exc):
+                raise
+            self.cur.execute("ROLLBACK TO SAVEPOINT tidesync_load")
+            return False
+        self.cur.execute("RELEASE SAVEPOINT tidesync_load")
+        stats.unchanged += plan.unchanged
+        stats.inserted += rows.num_rows
+        return True
+
+    def _merge(self, spec: TableSpec, incoming: pa.Table, stats: TableApplyStats) -> None:
+        cur, peer = self.cur, self.peer
+        local = _read_local(cur, spec, incoming.column(spec.key))
+        plan = plan_apply(spec, local, incoming, peer, self.options)
+        stats.unchanged += plan.unchanged
+        stats.inserted += _write(cur, spec, plan.inserts, peer, stats, _insert_rows)
+        stats.updated += _write(cur, spec, plan.updates, peer, stats, _update_rows)
+        stats.deleted += _write(cur, spec, plan.deletes, peer, stats, _delete_rows)
+        if len(plan.revived):
+            _stage(cur, spec, pa.table({spec.key: plan.revived}), key_only=True)
+            cur.execute(f"DELETE FROM {tomb_table(spec)} t USING {KEYS} k WHERE t.{qi(spec.key)} = k.{qi(spec.key)}")
+        stats.conflicts += _log_conflicts(cur, spec, plan, peer)
+
+    def _end_load(self) -> None:
+        """Indexes built, foreign keys back; rows without a parent go to the quarantine."""
+        assert self.load is not None
+        load, self.load = self.load, None
+        spec, stats = load.spec, self.result.tables[load.spec.name]
+        for orphans, reason in bulk_load.restore(self.cur, load.aside, wire_columns(spec, "t", tombstone=False)):
+            rows = conform(orphans, spec, "orphan rows")
+            _quarantine(self.cur, spec, rows, [(reason, i) for i in range(rows.num_rows)], self.peer)
+            stats.quarantined += rows.num_rows
+            stats.inserted -= rows.num_rows
 
 
 def _reject_unusable(spec: TableSpec, incoming: pa.Table) -> tuple[pa.Table, pa.Table]:
@@ -212,6 +305,20 @@ def _write(cur: Any, spec: TableSpec, rows: pa.Table, peer: str | None, stats: T
         _quarantine(cur, spec, rows.take(idx), [(reason, i) for i, (_, reason) in enumerate(bad)], peer)
         stats.quarantined += len(bad)
     return int(rows.num_rows) - len(bad)
+
+
+#: SQLSTATE classes that say nothing about the rows: a cancelled statement (Ctrl-C, a
+#: statement timeout, an administrator), a deadlock or serialization failure, a lost
+#: connection, a full disk, a server shutting down. Bisecting would "quarantine" good
+#: rows; the whole apply must fail instead, so the caller can retry it later.
+_NOT_THE_ROWS = ("08", "25", "40", "53", "54", "55", "57", "58", "XX")
+
+
+def _blames_the_rows(exc: Exception) -> bool:
+    state = getattr(exc, "sqlstate", None) or ""
+    if isinstance(exc.__cause__, KeyboardInterrupt) or isinstance(exc.__context__, KeyboardInterrupt):
+        return False
+    return not state.startswith(_NOT_THE_ROWS)
 
 
 #: SQLSTATE classes that say nothing about the rows: a cancelled statement (Ctrl-C, a

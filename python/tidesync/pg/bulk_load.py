@@ -36,8 +36,9 @@ class ForeignKey:
     parent_columns: tuple[str, ...]
     match_full: bool
 
-    def delete_orphans_sql(self, table: str, key: str) -> str:
-        """Delete the ``table`` rows whose reference finds no parent row; returns their keys as text."""
+    def delete_orphans_sql(self, table: str, returning: str) -> str:
+        """Delete the ``table`` rows (alias ``t``) whose reference finds no parent row,
+        returning ``returning`` of each."""
         t_cols = [f"t.{qi(c)}" for c in self.columns]
         # MATCH SIMPLE (the default) skips a row when any referencing column is null;
         # MATCH FULL only when all are (a partly null reference is itself a violation,
@@ -47,7 +48,7 @@ class ForeignKey:
         same = " AND ".join(f"p.{qi(pc)} = {tc}" for pc, tc in zip(self.parent_columns, t_cols, strict=True))
         return (
             f"DELETE FROM {qi(table)} t WHERE ({present}) "
-            f"AND NOT EXISTS (SELECT 1 FROM {self.parent} p WHERE {same}) RETURNING t.{qi(key)}::text"
+            f"AND NOT EXISTS (SELECT 1 FROM {self.parent} p WHERE {same}) RETURNING {returning}"
         )
 
     def reason(self, table: str) -> str:
@@ -88,13 +89,13 @@ def set_aside(cur: Any, table: str) -> SetAside | None:
     return aside
 
 
-def restore(cur: Any, aside: SetAside, key: str) -> dict[str, str]:
+def restore(cur: Any, aside: SetAside, returning: str) -> list[tuple[pa.Table, str]]:
     """Build the indexes and add the foreign keys back. Rows without a parent are
-    deleted first: returns their keys (as text) with the reason, for the quarantine."""
+    deleted first: returns them (``returning`` of each) with the reason, for the quarantine."""
     for _, definition in aside.indexes:
         cur.execute(definition)
     if not aside.foreign_keys:
-        return {}
+        return []
     # Optimistic: adding the keys back validates them (one join each), and a sync
     # almost never brings orphans; only when it does, find and delete them, and add again.
     cur.execute("SAVEPOINT tidesync_foreign_keys")
@@ -104,11 +105,11 @@ def restore(cur: Any, aside: SetAside, key: str) -> dict[str, str]:
         if getattr(exc, "sqlstate", None) != FOREIGN_KEY_VIOLATION:
             raise
         cur.execute("ROLLBACK TO SAVEPOINT tidesync_foreign_keys")
-        orphans = delete_orphans(cur, aside.table, key, aside.foreign_keys)
+        orphans = delete_orphans(cur, aside.table, returning, aside.foreign_keys)
         add_back(cur, aside.table, aside.foreign_keys)
         return orphans
     cur.execute("RELEASE SAVEPOINT tidesync_foreign_keys")
-    return {}
+    return []
 
 
 def foreign_keys(cur: Any, table: str) -> list[ForeignKey]:
@@ -140,18 +141,19 @@ def add_back(cur: Any, table: str, fks: list[ForeignKey]) -> None:
         )
 
 
-def delete_orphans(cur: Any, table: str, key: str, fks: list[ForeignKey]) -> dict[str, str]:
-    """Delete every row of ``table`` that a foreign key would reject: key (as text) -> reason.
+def delete_orphans(cur: Any, table: str, returning: str, fks: list[ForeignKey]) -> list[tuple[pa.Table, str]]:
+    """Delete every row of ``table`` that a foreign key would reject: (rows, reason) per
+    key that found some, each row with ``returning`` (over alias ``t``).
 
     Repeats until nothing more goes, since a row can lose its parent to an earlier
     round (a table that references itself)."""
-    found: dict[str, str] = {}
+    found: list[tuple[pa.Table, str]] = []
     while True:
         before = len(found)
         for fk in fks:
-            cur.execute(fk.delete_orphans_sql(table, key))
+            cur.execute(fk.delete_orphans_sql(table, returning))
             gone: pa.Table = cur.fetch_arrow_table()
-            for k in gone.column(0).to_pylist():
-                found.setdefault(str(k), fk.reason(table))
+            if gone.num_rows:
+                found.append((gone, fk.reason(table)))
         if len(found) == before:
             return found

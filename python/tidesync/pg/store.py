@@ -86,6 +86,17 @@ class PostgresStore:
     ) -> ApplyResult:
         return _apply.apply_changes(self._conn, self.registry, batches, peer=peer, cursor=cursor, options=options)
 
+    def apply_parts(
+        self,
+        parts: Iterable[tuple[str, Any]],
+        *,
+        peer: str | None,
+        cursor: tuple[str, int] | None = None,
+        options: ApplyOptions = NO_OPTIONS,
+    ) -> ApplyResult:
+        """Apply a stream of ``(table, batch)`` parts in one transaction, one part in memory at a time."""
+        return _apply.apply_parts(self._conn, self.registry, parts, peer=peer, cursor=cursor, options=options)
+
     def forget(self, table: str, keys: Any, *, below: int) -> int:
         """Delete rows of ``table`` by key without leaving tombstones (push-then-delete).
 

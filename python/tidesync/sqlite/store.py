@@ -9,8 +9,8 @@ from types import TracebackType
 
 import pyarrow as pa
 
-from tidesync.changes import NO_OPTIONS, ApplyOptions, ApplyResult, Window, key_texts
-from tidesync.errors import NotInstalledError
+from tidesync.changes import NO_OPTIONS, ApplyOptions, ApplyResult, Window, conform, key_texts
+from tidesync.errors import NotInstalledError, SchemaMismatchError
 from tidesync.registry import LogicalType, Registry
 from tidesync.sqlite import apply as _apply
 from tidesync.sqlite import capture, install, names
@@ -120,6 +120,31 @@ class SQLiteStore:
         if self._infos is None:
             self._infos = {s.name: install.inspect(self._conn, s) for s in self.registry}
         return _apply.apply(self._conn, self.registry, self._infos, batches, peer, cursor, options)
+
+    def apply_parts(
+        self,
+        parts: Iterable[tuple[str, pa.Table]],
+        *,
+        peer: str | None,
+        cursor: tuple[str, int] | None = None,
+        options: ApplyOptions = NO_OPTIONS,
+    ) -> ApplyResult:
+        """Apply a stream of ``(table, batch)`` parts in one transaction.
+
+        The parts are gathered per table first: SQLite writes all upserts parents first
+        and all deletes children first, which needs every table's plan at once. A
+        mobile device's scope is small by design; large networks of rows live on
+        PostgreSQL facility servers, which stream.
+        """
+        gathered: dict[str, list[pa.Table]] = {}
+        for name, batch in parts:
+            if name not in self.registry:
+                raise SchemaMismatchError(
+                    f"unknown table {name!r}: the registry {self.registry.name!r} syncs {', '.join(self.registry.names)}"
+                )
+            gathered.setdefault(name, []).append(conform(batch, self.registry[name], "incoming batch"))
+        batches = {name: pa.concat_tables(ts) if len(ts) > 1 else ts[0] for name, ts in gathered.items()}
+        return self.apply(batches, peer=peer, cursor=cursor, options=options)
 
     def forget(self, table: str, keys: pa.Array | list[object], *, below: int) -> int:
         """Delete rows of ``table`` by key without leaving tombstones (push-then-delete).

@@ -23,9 +23,11 @@ import ipaddress
 import json
 import random
 import ssl
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -316,21 +318,29 @@ def _pull(store: Store, client: CentralClient, base: str, report: CycleReport, p
     with phase("pull_prepare"):
         plan = client.call("POST", f"{base}/pull", json={}).json()
         pages, watermark = int(plan["pages"]), int(plan["watermark"])
-    parts: dict[str, list[pa.Table]] = {}
-    with phase("pull_fetch"):
-        for n in range(pages):
-            data = client.call("GET", f"{base}/pull/{n}").content
-            name, rows = decode_page(data, store.registry)
-            parts.setdefault(name, []).append(rows)
-            report.pulled_rows += rows.num_rows
-            step("pull", n + 1, pages)
-    report.pulled_pages = pages
-    with phase("pull_apply"):
-        batches = {name: pa.concat_tables(ts) for name, ts in parts.items()}
-        result = store.apply(
-            batches, peer=CENTRAL_PEER, cursor=(PULL_CURSOR, watermark),
-            options=ApplyOptions(own_node=store.node_id()),
-        )  # fmt: skip
+    # Pages wait on disk, still compressed, and are decoded one at a time as the apply
+    # takes them: the node's memory stays flat however large the pull (a first sync).
+    with tempfile.TemporaryDirectory(prefix="tidesync-pull-") as spool:
+        files = [Path(spool) / f"{n:06d}.arrows" for n in range(pages)]
+        with phase("pull_fetch"):
+            for n, path in enumerate(files):
+                path.write_bytes(client.call("GET", f"{base}/pull/{n}").content)
+                step("pull", n + 1, pages)
+        report.pulled_pages = pages
+
+        def parts() -> Iterator[tuple[str, pa.Table]]:
+            # A page that does not decode fails the apply, and with it everything:
+            # one transaction, nothing half-applied.
+            for path in files:
+                name, rows = decode_page(path.read_bytes(), store.registry)
+                report.pulled_rows += rows.num_rows
+                yield name, rows
+
+        with phase("pull_apply"):
+            result = store.apply_parts(
+                parts(), peer=CENTRAL_PEER, cursor=(PULL_CURSOR, watermark),
+                options=ApplyOptions(own_node=store.node_id()),
+            )  # fmt: skip
     report.conflicts += result.total("conflicts")
     report.quarantined += result.total("quarantined")
 
