@@ -1,0 +1,18 @@
+"""`tidesync bench`'s network benchmarks at a tiny size: they run to the end and check
+what they moved (a benchmark that crashes or counts wrong is a defect too)."""
+
+from __future__ import annotations
+
+from tidesync.bench.sync_bench import run_sync_bench
+
+
+def test_network_benchmarks_run_and_check_their_results(pg_server) -> None:  # type: ignore[no-untyped-def]
+    results = run_sync_bench(500, 1, None, only=["sync", "incremental", "load"], dsn=pg_server.dsn)
+    by_name = {r["benchmark"]: r for r in results}
+    initial = by_name["initial sync of a facility (HTTP, end to end)"]
+    assert initial["check"] == "ok" and initial["rows"] == 500
+    incremental = [r for name, r in by_name.items() if name.startswith("incremental cycle")]
+    assert len(incremental) == 2 and all(r["rows"] > 0 for r in incremental)
+    (load,) = [r for name, r in by_name.items() if name.startswith("load:")]
+    assert load["check"] == "ok" and load["target_met"] is True  # zero errors
+    assert load["rows"] > 0
