@@ -203,6 +203,19 @@ def plan_apply(
     return ApplyPlan(spec, inserts, updates, deletes, revived, conflicts, max(unchanged, 0))
 
 
+def new_rows(spec: TableSpec, incoming: pa.Table, peer: str | None, options: ApplyOptions = NO_OPTIONS) -> pa.Table:
+    """The rows to insert for live versions of keys that exist nowhere locally, one per
+    key: what :func:`plan_apply` plans for them, without looking for duplicates (the
+    caller's primary key does that) or for local rows (there are none). A bulk load."""
+    n = incoming.num_rows
+    origin: pa.Array = pa.nulls(n, pa.string()) if peer is None else pa.repeat(pa.scalar(peer, pa.string()), n)
+    restamped = options.restamped.get(spec.name)
+    if peer is not None and restamped is not None and len(restamped) and n:
+        mine = pc.is_in(_storage(incoming.column(spec.key)), value_set=_storage(restamped))
+        origin = pc.if_else(mine, pa.scalar(None, pa.string()), origin)
+    return with_origin(incoming.drop_columns([DELETED]), origin)
+
+
 def _adopt_restamped(spec: TableSpec, local: pa.Table, incoming: pa.Table, own: str) -> tuple[pa.Table, pa.Table]:
     """Drop from ``local`` our own versions that the hub sent back under a lower stamp.
 

@@ -8,7 +8,7 @@ import pytest
 import tidesync
 from tidesync import SchemaMismatchError
 from tidesync.bench.store_bench import SPEC, make_patients
-from tidesync.changes import conform, plan_apply, quarantine_bisect
+from tidesync.changes import ApplyOptions, conform, new_rows, plan_apply, quarantine_bisect
 
 
 def test_plan_for_an_empty_table_is_what_merge_gives() -> None:
@@ -24,6 +24,15 @@ def test_plan_for_an_empty_table_is_what_merge_gives() -> None:
     assert plan.deletes.num_rows == 5 and plan.updates.num_rows == 0
     assert plan.conflicts.schema.equals(merged.conflicts.schema) and plan.conflicts.num_rows == 0
     assert set(plan.inserts.column("_origin").to_pylist()) == {"central"}
+
+
+@pytest.mark.parametrize("peer", ["central", None])
+def test_new_rows_of_a_bulk_load_are_what_plan_apply_inserts(peer: str | None) -> None:
+    batch = make_patients(300, seed=5)
+    restamped = ApplyOptions(restamped={SPEC.name: batch.column(SPEC.key).combine_chunks()[:7]})
+    empty = SPEC.wire_schema().empty_table()
+    for options in (ApplyOptions(), restamped):
+        assert new_rows(SPEC, batch, peer, options).equals(plan_apply(SPEC, empty, batch, peer, options).inserts)
 
 
 def test_conform_names_the_problem() -> None:

@@ -11,6 +11,12 @@ rows, so a crash anywhere leaves all or nothing.
 
 While applying, the capture triggers stand aside (``tidesync.applying``): incoming
 versions keep their stamps, and ``_origin`` remembers the peer they came from.
+
+:func:`apply_parts` takes the batches as a stream of parts (the pages of a pull) and
+holds one at a time. A table that is empty when its first large part arrives is loaded
+in bulk (:mod:`tidesync.pg.bulk_load`). An error that says nothing about the rows (a
+cancelled statement, a deadlock, a lost connection) fails the apply; it never
+quarantines.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ from tidesync.changes import (
     TableApplyStats,
     conform,
     key_texts,
+    new_rows,
     plan_apply,
     quarantine_bisect,
     rows_as_json,
@@ -172,9 +179,10 @@ class _Applier:
 
     def _straight_in(self, spec: TableSpec, incoming: pa.Table, stats: TableApplyStats) -> bool:
         """COPY a part of a bulk load, sorted by key (the primary key index then grows at
-        its right edge); False, with nothing written, if the database refuses any row."""
-        plan = plan_apply(spec, spec.wire_schema().empty_table(), incoming, self.peer, self.options)
-        rows = plan.inserts.take(pc.sort_indices(plan.inserts.column(spec.key)))
+        its right edge); False, with nothing written, if the database refuses any row
+        (a bad value, or a key twice: then merging sorts it out)."""
+        rows = new_rows(spec, incoming, self.peer, self.options)
+        rows = rows.take(pc.sort_indices(rows.column(spec.key)))
         self.cur.execute("SAVEPOINT tidesync_load")
         try:
             _insert_rows(self.cur, spec, rows)
@@ -184,7 +192,6 @@ class _Applier:
             self.cur.execute("ROLLBACK TO SAVEPOINT tidesync_load")
             return False
         self.cur.execute("RELEASE SAVEPOINT tidesync_load")
-        stats.unchanged += plan.unchanged
         stats.inserted += rows.num_rows
         return True
 
@@ -319,39 +326,6 @@ def _blames_the_rows(exc: Exception) -> bool:
     if isinstance(exc.__cause__, KeyboardInterrupt) or isinstance(exc.__context__, KeyboardInterrupt):
         return False
     return not state.startswith(_NOT_THE_ROWS)
-
-
-#: SQLSTATE classes that say nothing about the rows: a cancelled statement (Ctrl-C, a
-#: statement timeout, an administrator), a deadlock or serialization failure, a lost
-#: connection, a full disk, a server shutting down. Bisecting would "quarantine" good
-#: rows; the whole apply must fail instead, so the caller can retry it later.
-_NOT_THE_ROWS = ("08", "25", "40", "53", "54", "55", "57", "58", "XX")
-
-
-def _blames_the_rows(exc: Exception) -> bool:
-    state = getattr(exc, "sqlstate", None) or ""
-    if isinstance(exc.__cause__, KeyboardInterrupt) or isinstance(exc.__context__, KeyboardInterrupt):
-        return False
-    return not state.startswith(_NOT_THE_ROWS)
-
-
-def _load_empty(cur: Any, spec: TableSpec, rows: pa.Table, peer: str | None, stats: TableApplyStats) -> int:
-    """Insert a large batch into an empty table as ``pg_restore`` would (see
-    :mod:`tidesync.pg.bulk_load`): rows without a parent are quarantined afterwards,
-    found by one anti-join per foreign key instead of a lookup per row."""
-    aside = bulk_load.set_aside(cur, spec.name)
-    if aside is None:  # not ours to alter: the ordinary path
-        return _write(cur, spec, rows, peer, stats, _insert_rows)
-    rows = rows.take(pc.sort_indices(rows.column(spec.key)))
-    written = _write(cur, spec, rows, peer, stats, _insert_rows)
-    orphans = bulk_load.restore(cur, aside, spec.key)
-    if orphans:
-        texts = key_texts(spec, rows.column(spec.key))
-        idx = [i for i, t in enumerate(texts) if t in orphans]
-        _quarantine(cur, spec, rows.take(pa.array(idx, pa.int64())), [(orphans[texts[i]], n) for n, i in
-                                                                      enumerate(idx)], peer)  # fmt: skip
-        stats.quarantined += len(idx)
-    return written - len(orphans)
 
 
 def _error_text(exc: Exception) -> str:
