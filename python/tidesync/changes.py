@@ -323,6 +323,21 @@ def key_texts(spec: TableSpec, keys: pa.Array | pa.ChunkedArray) -> list[str]:
     return [str(v) for v in values]
 
 
+def keys_from_texts(spec: TableSpec, texts: list[str]) -> pa.Array:
+    """The inverse of :func:`key_texts`: keys as the conflict log and quarantine write
+    them, back in the key column's wire type. A text that is no such key raises
+    :class:`SchemaMismatchError` naming it."""
+    ltype = spec.column(spec.key).type
+    try:
+        if ltype is LogicalType.UUID:
+            return pa.array([uuid.UUID(t).bytes for t in texts], ltype.arrow)
+        if ltype in (LogicalType.INT32, LogicalType.INT64):
+            return pa.array([int(t) for t in texts], ltype.arrow)
+        return pa.array(texts, pa.string()).cast(ltype.arrow)
+    except (ValueError, pa.ArrowInvalid) as exc:
+        raise SchemaMismatchError(f"not a key of table {spec.name!r} ({ltype.value}): {exc}") from None
+
+
 def _json_default(v: Any) -> Any:
     if isinstance(v, bytes):
         return v.hex()

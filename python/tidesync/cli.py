@@ -363,5 +363,72 @@ def status_cmd(db: str, as_json: bool, schema_name: str) -> None:
         render(info)
 
 
+@main.group("conflicts")
+def conflicts_group() -> None:
+    """The conflict log: the losing values of every concurrent edit, kept for review."""
+
+
+@conflicts_group.command("list")
+@_db_option
+@click.option("--table", default=None, help="Only this table's conflicts.")
+@click.option("--limit", type=click.IntRange(min=1), default=50, show_default=True, help="The newest this many.")
+@click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
+@_schema_option
+def conflicts_list(db: str, table: str | None, limit: int, as_json: bool, schema_name: str) -> None:
+    """The newest conflicts: table, key, the fields that lost, both stamps."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from tidesync.review import list_conflicts
+
+    with open_store(db, _registry(schema_name)) as store:
+        items = list_conflicts(store, table, limit)
+    if as_json:
+        click.echo(json.dumps(items, default=str))
+        return
+    out = Table(title=f"conflicts ({len(items)} newest)")
+    for col in ("id", "table", "key", "lost fields", "winner", "loser", "recorded"):
+        out.add_column(col, no_wrap=col in ("id", "key"))
+    for c in items:
+        out.add_row(str(c["id"]), c["table"], c["key"], ", ".join(c["lost_columns"]) or "—",
+                    f"{c['winner']['node']} {c['winner']['at']}", f"{c['loser']['node']} {c['loser']['at']}",
+                    str(c["recorded_at"])[:19])  # fmt: skip
+    Console().print(out)
+
+
+@conflicts_group.command("show")
+@_db_option
+@click.argument("conflict_id", type=int)
+@click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
+@_schema_option
+def conflicts_show(db: str, conflict_id: int, as_json: bool, schema_name: str) -> None:
+    """One conflict: the losing version beside the row as it is now, and why the winner won."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from tidesync.review import show_conflict
+
+    with open_store(db, _registry(schema_name)) as store:
+        c = show_conflict(store, conflict_id)
+    if as_json:
+        click.echo(json.dumps(c, default=str))
+        return
+    console = Console()
+    console.print(f"conflict {c['id']} on {c['table']} {c['key']}, recorded {str(c['recorded_at'])[:19]}"
+                  + (f" (from {c['peer']})" if c["peer"] else ""), highlight=False)  # fmt: skip
+    console.print(f"won: {c['winner']['node']} at {c['winner']['at']}; lost: {c['loser']['node']} at "
+                  f"{c['loser']['at']}", highlight=False)  # fmt: skip
+    console.print(f"why: {c['why']}", highlight=False)
+    out = Table()
+    out.add_column("field")
+    out.add_column("losing value")
+    out.add_column(f"now ({c['row_now']})")
+    for f in c["fields"]:
+        mark = "[bold red]" if f["lost"] else ""
+        out.add_row(f"{mark}{f['column']}", repr(f["loser"]), repr(f["now"]))
+    console.print(out)
+    console.print("fields in red lost to the winner; the others did not conflict", highlight=False)
+
+
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())

@@ -63,6 +63,10 @@ class Store(Protocol):
         order (the pages of a pull), still in one transaction. PostgreSQL holds one part
         at a time; SQLite gathers them (a mobile's scope is small)."""
 
+    def read_rows(self, table: str, keys: pa.Array) -> pa.Table:
+        """The current versions of ``keys`` in the wire schema: live rows, else
+        tombstones; keys never seen are absent. For people and tests, not a hot path."""
+
     def forget(self, table: str, keys: pa.Array, *, below: int) -> int:
         """Delete rows by key without tombstones (push-then-delete), if unchanged since ``below``."""
 

@@ -57,3 +57,12 @@ def test_quarantine_bisect_isolates_exactly_the_bad_rows() -> None:
     assert {i for i, _ in found} == bad
     assert all(reason == f"bad [{i}]" for i, reason in found)
     assert len(calls) < 60  # O(k log n), not n
+
+
+def test_keys_from_texts_inverts_key_texts_and_names_a_bad_key() -> None:
+    from tidesync.changes import key_texts, keys_from_texts
+
+    keys = make_patients(20, seed=9).column(SPEC.key).combine_chunks()
+    assert keys_from_texts(SPEC, key_texts(SPEC, keys)).equals(keys)
+    with pytest.raises(SchemaMismatchError, match="not a key of table 'patients'"):
+        keys_from_texts(SPEC, ["not-a-uuid"])

@@ -197,7 +197,7 @@ class _Applier:
 
     def _merge(self, spec: TableSpec, incoming: pa.Table, stats: TableApplyStats) -> None:
         cur, peer = self.cur, self.peer
-        local = _read_local(cur, spec, incoming.column(spec.key))
+        local = read_local(cur, spec, incoming.column(spec.key))
         plan = plan_apply(spec, local, incoming, peer, self.options)
         stats.unchanged += plan.unchanged
         stats.inserted += _write(cur, spec, plan.inserts, peer, stats, _insert_rows)
@@ -259,18 +259,19 @@ def _lock_and_check_empty(cur: Any, spec: TableSpec) -> bool:
     return not cur.fetchone()[0]
 
 
-def _read_local(cur: Any, spec: TableSpec, keys: pa.ChunkedArray) -> pa.Table:
-    """The local versions of ``keys`` in the wire schema: live rows (locked), else tombstones."""
+def read_local(cur: Any, spec: TableSpec, keys: pa.ChunkedArray, *, lock: bool = True) -> pa.Table:
+    """The local versions of ``keys`` in the wire schema: live rows (locked, unless
+    ``lock`` is false), else tombstones."""
     k = qi(spec.key)
     _stage(cur, spec, pa.table({spec.key: pc.unique(keys.combine_chunks())}), key_only=True)
     # What we merge against must be what we overwrite: an application write to one of
     # these rows has to wait for this transaction. Small batches lock just their rows;
     # a bulk apply locks the table against writers (readers go on), which is far cheaper
     # than marking a million rows locked one by one.
-    lock = "" if len(keys) > ROW_LOCK_LIMIT else " FOR UPDATE OF t"
+    row_lock = "" if len(keys) > ROW_LOCK_LIMIT or not lock else " FOR UPDATE OF t"
     cur.execute(
         f"SELECT {wire_columns(spec, 't', tombstone=False)} "
-        f"FROM {qi(spec.name)} t JOIN {KEYS} k ON t.{k} = k.{k}{lock}"
+        f"FROM {qi(spec.name)} t JOIN {KEYS} k ON t.{k} = k.{k}{row_lock}"
     )
     live = conform(cur.fetch_arrow_table(), spec, "local rows")
     cur.execute(

@@ -97,6 +97,16 @@ class PostgresStore:
         """Apply a stream of ``(table, batch)`` parts in one transaction, one part in memory at a time."""
         return _apply.apply_parts(self._conn, self.registry, parts, peer=peer, cursor=cursor, options=options)
 
+    def read_rows(self, table: str, keys: Any) -> pa.Table:
+        """The current versions of ``keys`` (live rows, else tombstones), wire schema."""
+        from tidesync.pg.conn import transaction
+
+        spec = self.registry[table]
+        keys = pa.array(keys) if not isinstance(keys, (pa.Array, pa.ChunkedArray)) else keys
+        with transaction(self._conn, "BEGIN ISOLATION LEVEL REPEATABLE READ") as cur:
+            return _apply.read_local(cur, spec, pa.chunked_array([keys]) if isinstance(keys, pa.Array) else keys,
+                                     lock=False)  # fmt: skip
+
     def forget(self, table: str, keys: Any, *, below: int) -> int:
         """Delete rows of ``table`` by key without leaving tombstones (push-then-delete).
 

@@ -107,7 +107,7 @@ def apply(
         for spec in specs:
             batch = incoming[spec.name]
             if batch.num_rows:
-                plans[spec.name] = plan_apply(spec, _read_local(conn, spec, batch), batch, peer, options)
+                plans[spec.name] = plan_apply(spec, read_local(conn, spec, batch), batch, peer, options)
                 stats = result.tables[spec.name]
                 stats.unchanged = plans[spec.name].unchanged
                 stats.conflicts = plans[spec.name].conflicts.num_rows
@@ -136,7 +136,7 @@ def set_cursor(conn: Connection, name: str, value: int) -> None:
 # ----------------------------------------------------------------------------- read
 
 
-def _read_local(conn: Connection, spec: TableSpec, batch: pa.Table) -> pa.Table:
+def read_local(conn: Connection, spec: TableSpec, batch: pa.Table) -> pa.Table:
     """Live rows of the incoming keys, plus tombstones of those with no live row."""
     ltype = spec.column(spec.key).type
     keys = to_storage(pc.unique(batch.column(spec.key).combine_chunks()), ltype)

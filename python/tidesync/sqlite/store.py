@@ -146,6 +146,12 @@ class SQLiteStore:
         batches = {name: pa.concat_tables(ts) if len(ts) > 1 else ts[0] for name, ts in gathered.items()}
         return self.apply(batches, peer=peer, cursor=cursor, options=options)
 
+    def read_rows(self, table: str, keys: pa.Array | list[object]) -> pa.Table:
+        """The current versions of ``keys`` (live rows, else tombstones), wire schema."""
+        spec = self.registry[table]
+        keys = keys if isinstance(keys, (pa.Array, pa.ChunkedArray)) else pa.array(keys)
+        return _apply.read_local(self._conn, spec, pa.table({spec.key: keys}))
+
     def forget(self, table: str, keys: pa.Array | list[object], *, below: int) -> int:
         """Delete rows of ``table`` by key without leaving tombstones (push-then-delete).
 
