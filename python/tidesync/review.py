@@ -55,8 +55,7 @@ def list_conflicts(store: Store, table: str | None = None, limit: int = 50) -> l
 
 def show_conflict(store: Store, conflict_id: int) -> dict[str, Any]:
     """One conflict: both versions field by field, which won and why, when."""
-    log = store.conflicts()
-    found = [r for r in log.to_pylist() if r["id"] == conflict_id]
+    found = store.conflicts(conflict_id=conflict_id).to_pylist()
     if not found:
         raise SyncError(f"no conflict with id {conflict_id} in this database (see `tidesync conflicts list`)")
     r = found[0]

@@ -80,8 +80,9 @@ class Store(Protocol):
 
     def set_cursor(self, name: str, value: int) -> None: ...
 
-    def conflicts(self, table: str | None = None) -> pa.Table:
-        """The conflict log: table, key, loser and winner stamps, lost columns, losing row (JSON)."""
+    def conflicts(self, table: str | None = None, *, conflict_id: int | None = None) -> pa.Table:
+        """The conflict log (of ``table``, or the one entry ``conflict_id``): table, key,
+        loser and winner stamps, lost columns, losing row (JSON)."""
 
     def quarantine(self, table: str | None = None) -> pa.Table:
         """Rows that could not be written: table, key, row (JSON), reason, peer."""

@@ -108,11 +108,8 @@ def apply_parts(
         cur.execute("SET CONSTRAINTS ALL DEFERRED")
         applier = _Applier(cur, peer, options, result)
         for name, batch in parts:
-            if name not in registry:
-                raise SchemaMismatchError(
-                    f"unknown table {name!r}: the registry {registry.name!r} syncs {', '.join(registry.names)}"
-                )
-            applier.part(registry[name], conform(batch, registry[name], "incoming batch"))
+            spec = registry[name]  # an unknown table raises SchemaMismatchError, and nothing commits
+            applier.part(spec, conform(batch, spec, "incoming batch"))
         applier.finish()
         if cursor is not None:
             _save_cursor(cur, *cursor)
@@ -165,12 +162,9 @@ class _Applier:
                 aside = bulk_load.set_aside(cur, spec.name)
                 self.load = _Load(spec, aside) if aside is not None else None
         if self.load is not None and self.load.straight:
-            if pc.any(incoming.column(DELETED)).as_py():
-                self.load.straight = False
-            elif self._straight_in(spec, incoming, stats):
+            if not pc.any(incoming.column(DELETED)).as_py() and self._straight_in(spec, incoming, stats):
                 return
-            else:
-                self.load.straight = False
+            self.load.straight = False
         self._merge(spec, incoming, stats)
 
     def finish(self) -> None:

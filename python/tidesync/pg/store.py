@@ -148,8 +148,11 @@ class PostgresStore:
         with self._conn.cursor() as cur:
             _apply._save_cursor(cur, name, value)
 
-    def conflicts(self, table: str | None = None) -> pa.Table:
-        where = "" if table is None else f" WHERE table_name = {ql(table)}"
+    def conflicts(self, table: str | None = None, *, conflict_id: int | None = None) -> pa.Table:
+        conds = ([] if table is None else [f"table_name = {ql(table)}"]) + (
+            [] if conflict_id is None else [f"id = {int(conflict_id)}"]
+        )
+        where = f" WHERE {' AND '.join(conds)}" if conds else ""
         return self._query(
             "SELECT id, table_name, key, loser_hlc, loser_node, winner_hlc, winner_node, lost_columns, "
             f"loser_row::text AS loser_row, peer, recorded_at FROM {SCHEMA}.conflicts{where} ORDER BY id"

@@ -10,7 +10,7 @@ from types import TracebackType
 import pyarrow as pa
 
 from tidesync.changes import NO_OPTIONS, ApplyOptions, ApplyResult, Window, conform, key_texts
-from tidesync.errors import NotInstalledError, SchemaMismatchError
+from tidesync.errors import NotInstalledError
 from tidesync.registry import LogicalType, Registry
 from tidesync.sqlite import apply as _apply
 from tidesync.sqlite import capture, install, names
@@ -137,11 +137,7 @@ class SQLiteStore:
         PostgreSQL facility servers, which stream.
         """
         gathered: dict[str, list[pa.Table]] = {}
-        for name, batch in parts:
-            if name not in self.registry:
-                raise SchemaMismatchError(
-                    f"unknown table {name!r}: the registry {self.registry.name!r} syncs {', '.join(self.registry.names)}"
-                )
+        for name, batch in parts:  # an unknown table raises SchemaMismatchError (the registry's)
             gathered.setdefault(name, []).append(conform(batch, self.registry[name], "incoming batch"))
         batches = {name: pa.concat_tables(ts) if len(ts) > 1 else ts[0] for name, ts in gathered.items()}
         return self.apply(batches, peer=peer, cursor=cursor, options=options)
@@ -202,21 +198,25 @@ class SQLiteStore:
         with self._conn.transaction("IMMEDIATE"):
             _apply.set_cursor(self._conn, name, value)
 
-    def conflicts(self, table: str | None = None) -> pa.Table:
-        """The conflict log: table, key, loser and winner stamps, lost columns, losing row (JSON)."""
-        return self._log(names.CONFLICTS, CONFLICTS_SCHEMA, table)
+    def conflicts(self, table: str | None = None, *, conflict_id: int | None = None) -> pa.Table:
+        """The conflict log (of ``table``, or the one entry ``conflict_id``): table, key,
+        loser and winner stamps, lost columns, losing row (JSON)."""
+        return self._log(names.CONFLICTS, CONFLICTS_SCHEMA, table, conflict_id)
 
     def quarantine(self, table: str | None = None) -> pa.Table:
         """Rows that could not be written: table, key, row (JSON), reason, peer."""
         return self._log(names.QUARANTINE, QUARANTINE_SCHEMA, table)
 
-    def _log(self, log: str, schema: pa.Schema, table: str | None) -> pa.Table:
-        sql = f"SELECT {', '.join(quote(f.name) for f in schema)} FROM {quote(log)}"
+    def _log(self, log: str, schema: pa.Schema, table: str | None, entry: int | None = None) -> pa.Table:
+        conds: list[str] = []
         params: list[object] = []
-        if table is not None:
-            sql += " WHERE table_name = ?"
-            params.append(table)
-        raw = self._conn.arrow(sql + " ORDER BY id", params)
+        for cond, value in (("table_name = ?", table), ("id = ?", entry)):
+            if value is not None:
+                conds.append(cond)
+                params.append(value)
+        where = f" WHERE {' AND '.join(conds)}" if conds else ""
+        raw = self._conn.arrow(f"SELECT {', '.join(quote(f.name) for f in schema)} FROM {quote(log)}{where} ORDER BY id",
+                               params)  # fmt: skip
         arrays = []
         for f, col in zip(schema, raw.columns, strict=True):
             if f.name == "recorded_at":

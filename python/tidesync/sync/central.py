@@ -552,20 +552,24 @@ def end_session(store: PostgresStore, node: Node, sid: str, report: dict[str, An
 
 def sessions(store: PostgresStore, limit: int = 20) -> pa.Table:
     """The most recent sessions, newest first (what ``tidesync status`` shows on central)."""
-    with store.connection.cursor() as cur:
-        cur.execute(
-            "SELECT id::text AS session, node_id AS node, status, opened_at, ended_at, rows_in, rows_out, "
-            "bytes_in, bytes_out, conflicts, quarantined, clamped, phases::text AS phases, error "
-            f"FROM {SCHEMA}.sessions ORDER BY opened_at DESC LIMIT {int(limit)}"
-        )
-        return cur.fetch_arrow_table()
+    return _arrow(
+        store,
+        "SELECT id::text AS session, node_id AS node, status, opened_at, ended_at, rows_in, rows_out, "
+        "bytes_in, bytes_out, conflicts, quarantined, clamped, phases::text AS phases, error "
+        f"FROM {SCHEMA}.sessions ORDER BY opened_at DESC LIMIT {int(limit)}",
+    )
 
 
 def nodes(store: PostgresStore) -> pa.Table:
+    return _arrow(
+        store,
+        "SELECT n.id AS node, n.kind, n.facility_id, n.created_at, n.revoked_at IS NOT NULL AS revoked, "
+        f"(SELECT max(s.ended_at) FROM {SCHEMA}.sessions s WHERE s.node_id = n.id AND s.status = 'ended') "
+        f"AS last_sync FROM {SCHEMA}.nodes n ORDER BY n.id",
+    )
+
+
+def _arrow(store: PostgresStore, sql: str) -> pa.Table:
     with store.connection.cursor() as cur:
-        cur.execute(
-            "SELECT n.id AS node, n.kind, n.facility_id, n.created_at, n.revoked_at IS NOT NULL AS revoked, "
-            "(SELECT max(s.ended_at) FROM tidesync.sessions s WHERE s.node_id = n.id AND s.status = 'ended') "
-            f"AS last_sync FROM {SCHEMA}.nodes n ORDER BY n.id"
-        )
+        cur.execute(sql)
         return cur.fetch_arrow_table()

@@ -29,16 +29,19 @@ def _facility_literal(spec: TableSpec, column: str, node: Node) -> str:
     return f"{ql(node.facility_id)}::{spec.column(column).type.pg}"
 
 
+def _marks_here(registry: Registry, node: Node) -> str:
+    """SQL over the marks table (alias ``m``): a live mark for the node's facility."""
+    m = registry.marks
+    assert m is not None
+    alive = f" AND m.{qi(m.deleted)} IS NULL" if m.deleted else ""
+    return f"m.{qi(m.facility)} = {_facility_literal(registry[m.table], m.facility, node)}{alive}"
+
+
 def marked_patients_sql(registry: Registry, node: Node, extra: str = "") -> str:
     """Patients marked for the node's facility (a subquery of patient ids)."""
     m = registry.marks
     assert m is not None
-    spec = registry[m.table]
-    alive = f" AND m.{qi(m.deleted)} IS NULL" if m.deleted else ""
-    return (
-        f"SELECT m.{qi(m.patient)} FROM {qi(m.table)} m "
-        f"WHERE m.{qi(m.facility)} = {_facility_literal(spec, m.facility, node)}{alive}{extra}"
-    )
+    return f"SELECT m.{qi(m.patient)} FROM {qi(m.table)} m WHERE {_marks_here(registry, node)}{extra}"
 
 
 def scope_condition(registry: Registry, spec: TableSpec, node: Node, alias: str = "t") -> str:
@@ -61,12 +64,8 @@ def is_marked(registry: Registry, node: Node, patient: str) -> str:
     """
     m = registry.marks
     assert m is not None
-    spec = registry[m.table]
-    alive = f" AND m.{qi(m.deleted)} IS NULL" if m.deleted else ""
-    return (
-        f"EXISTS (SELECT 1 FROM {qi(m.table)} m WHERE m.{qi(m.patient)} = {patient} "
-        f"AND m.{qi(m.facility)} = {_facility_literal(spec, m.facility, node)}{alive})"
-    )
+    here = _marks_here(registry, node)
+    return f"EXISTS (SELECT 1 FROM {qi(m.table)} m WHERE m.{qi(m.patient)} = {patient} AND {here})"
 
 
 def marks_index_sql(registry: Registry) -> str | None:
