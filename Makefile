@@ -4,7 +4,7 @@ PIP ?= $(PYTHON) -m pip
 HYPOTHESIS_PROFILE ?= dev
 export HYPOTHESIS_PROFILE
 
-.PHONY: install install-test build-dev test test-rust test-python typecheck test-slow bench lint demo clean
+.PHONY: install install-test build-dev test test-rust test-python typecheck test-slow test-soak bench lint demo clean
 
 install:            ## build the native module (release) and install tidesync with its CLI
 	$(PIP) install "maturin>=1.9,<2"
@@ -32,6 +32,9 @@ typecheck:          ## mypy --strict on the package, and the stub checked agains
 
 test-slow:          ## long randomized runs
 	HYPOTHESIS_PROFILE=soak $(PYTHON) -m pytest -q tests/property
+
+test-soak:          ## the convergence harness, long (TIDESYNC_SOAK_EXAMPLES examples; see docs/reliability.md)
+	HYPOTHESIS_PROFILE=soak $(PYTHON) -m pytest -q -s -m soak tests/convergence
 
 bench:              ## all benchmarks: criterion for the core, then `tidesync bench`
 	cargo bench --locked -p tidesync-core

@@ -15,6 +15,7 @@ delete, conflicts to log. The stores only differ in how they read and write.
 from __future__ import annotations
 
 import json
+import math
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -354,11 +355,16 @@ def rows_as_json(spec: TableSpec, table: pa.Table) -> list[str]:
     cols = [c.name for c in spec.columns if c.name in table.column_names]
     out: list[str] = []
     uuid_cols = {c.name for c in spec.columns if c.type is LogicalType.UUID}
+    float_cols = {c.name for c in spec.columns if c.type is LogicalType.FLOAT64}
     for row in table.select(cols).to_pylist():
         for c in uuid_cols & row.keys():
             if row[c] is not None:
                 row[c] = str(uuid.UUID(bytes=row[c]))
-        out.append(json.dumps(row, default=_json_default, sort_keys=False))
+        for c in float_cols & row.keys():
+            # JSON has no NaN or infinity (PostgreSQL's jsonb refuses them): as text.
+            if row[c] is not None and not math.isfinite(row[c]):
+                row[c] = str(row[c])
+        out.append(json.dumps(row, default=_json_default, sort_keys=False, allow_nan=False))
     return out
 
 

@@ -1,4 +1,5 @@
-"""The ``tidesync`` command line: ``schema install|uninstall|status``, ``bench``, ``demo``, ``version``.
+"""The ``tidesync`` command line: ``schema install|uninstall|status``, ``central``, ``node``, ``sync``,
+``status``, ``conflicts``, ``quarantine``, ``bench``, ``demo``, ``version``.
 
 Kept small: the work lives in ``tidesync.pg``, ``tidesync.sqlite``, ``tidesync.bench`` and
 ``tidesync.demo``. Errors print one
@@ -182,7 +183,10 @@ def schema_status(db: str, schema_name: str) -> None:
         click.echo(f"node {node!r}")
         for name, table in window.tables.items():
             click.echo(f"  {name:<26} {table.num_rows:>10} versions")
-        click.echo(f"conflicts logged: {store.conflicts().num_rows}; quarantined rows: {store.quarantine().num_rows}")
+        statuses = store.quarantine().column("status").to_pylist()
+        held = statuses.count("held")
+        resolved = f" ({len(statuses) - held} retried or discarded)" if len(statuses) > held else ""
+        click.echo(f"conflicts logged: {store.conflicts().num_rows}; quarantined rows held: {held}{resolved}")
 
 
 # ----------------------------------------------------------------------------- central server
@@ -428,6 +432,149 @@ def conflicts_show(db: str, conflict_id: int, as_json: bool, schema_name: str) -
         out.add_row(f"{mark}{f['column']}", repr(f["loser"]), repr(f["now"]))
     console.print(out)
     console.print("fields in red lost to the winner; the others did not conflict", highlight=False)
+
+
+@main.group("quarantine")
+def quarantine_group() -> None:
+    """Versions the database refused: review them, retry once the cause is fixed, or discard with a note."""
+
+
+@quarantine_group.command("list")
+@_db_option
+@click.option("--table", default=None, help="Only this table's entries.")
+@click.option("--status", type=click.Choice(["held", "retried", "discarded", "all"]), default="held",
+              show_default=True, help="Which entries.")  # fmt: skip
+@click.option("--limit", type=click.IntRange(min=1), default=50, show_default=True, help="The newest this many.")
+@click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
+@_schema_option
+def quarantine_list(db: str, table: str | None, status: str, limit: int, as_json: bool, schema_name: str) -> None:
+    """The newest quarantine entries: table, key, why the database refused the version, its stamp."""
+    from rich.console import Console
+    from rich.table import Table
+    from rich.text import Text
+
+    from tidesync.quarantine import list_entries, short_reason
+
+    with open_store(db, _registry(schema_name)) as store:
+        items = list_entries(store, table, status, limit)
+    if as_json:
+        click.echo(json.dumps(items, default=str))
+        return
+    out = Table(title=f"quarantine: {len(items)} newest {'' if status == 'all' else status + ' '}entries")
+    for col in ("id", "table", "key", "reason", "stamp", "peer", "attempts", "recorded", "status"):
+        out.add_column(col, no_wrap=col in ("id", "key"))
+    for q in items:
+        stamp = f"{q['stamp']['node']} {q['stamp']['at']}" if q["stamp"] else "—"
+        cells = [str(q["id"]), q["table"], q["key"] or "—", short_reason(q["reason"]), stamp, q["peer"] or "—",
+                 str(q["attempts"]), str(q["recorded_at"])[:19], q["status"]]  # fmt: skip
+        out.add_row(*(Text(c) for c in cells))  # values from the database, not markup
+    Console().print(out)
+
+
+@quarantine_group.command("show")
+@_db_option
+@click.argument("entry_id", type=int)
+@click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
+@_schema_option
+def quarantine_show(db: str, entry_id: int, as_json: bool, schema_name: str) -> None:
+    """One entry: the refused version field by field with its stamps, the reason, its history, the row here now."""
+    from rich.console import Console
+    from rich.table import Table
+    from rich.text import Text
+
+    from tidesync.quarantine import short_reason, show_entry
+
+    with open_store(db, _registry(schema_name)) as store:
+        q = show_entry(store, entry_id)
+    if as_json:
+        click.echo(json.dumps(q, default=str))
+        return
+    console = Console()
+
+    def say(text: str) -> None:
+        console.print(text, markup=False, highlight=False)  # values from the database, not markup
+
+    v = q["version"]
+    say(f"quarantine entry {q['id']} on {q['table']} {q['key'] or '(no key)'}: {q['status']}, "
+        f"{q['attempts']} attempt(s)")
+    say(f"reason: {short_reason(q['reason'])}")
+    if q["version_error"]:
+        say(f"version: {q['version_error']}")
+    elif v is None:
+        say("version: not kept (quarantined by an older tidesync), so it cannot be retried")
+    else:
+        base = f", derived from {v['base_at']}" if v["base_at"] else ""
+        say(f"version: {'a deletion ' if v['deleted'] else ''}by {v['node']} at {v['at']}{base}")
+    out = Table()
+    out.add_column("field")
+    out.add_column("value")
+    stamps = v is not None and bool(v["fields"])
+    if stamps:
+        out.add_column("field stamp")
+    for name, value in q["row"].items():
+        cells = [name, repr(value)] + ([v["fields"].get(name, {}).get("at") or "—"] if stamps else [])
+        out.add_row(*(Text(c) for c in cells))
+    console.print(out)
+    for e in q["history"]:
+        when = str(e["at"])[:19] + " " if e["at"] is not None else ""
+        say(f"{when}{e['event']}" + (f": {e['note']}" if e["note"] else ""))
+    now = q["now"]
+    say("the row here now: " + ("absent" if now is None else
+                                f"{'deleted' if now['deleted'] else 'present'}, by {now['node']} at {now['at']}"))
+
+
+@quarantine_group.command("retry")
+@_db_option
+@click.argument("entry_ids", nargs=-1, type=int)
+@click.option("--all", "retry_all", is_flag=True, help="Every held entry (of --table).")
+@click.option("--table", default=None, help="With --all: only this table's entries.")
+@click.option("--json", "as_json", is_flag=True, help="Print the outcomes as JSON.")
+@_schema_option
+def quarantine_retry(db: str, entry_ids: tuple[int, ...], retry_all: bool, table: str | None, as_json: bool,
+                     schema_name: str) -> None:  # fmt: skip
+    """Apply held entries again, once the cause is fixed: all of them in one transaction.
+
+    Each version merges with the row as it is now (a newer local version wins as it
+    would have). Exits with status 1 if any entry is still held.
+    """
+    import dataclasses
+
+    from tidesync.quarantine import CANNOT_RETRY, short_reason
+
+    if bool(entry_ids) == retry_all:
+        raise click.UsageError("give entry ids, or --all (optionally with --table)")
+    if table is not None and not retry_all:
+        raise click.UsageError("--table goes with --all")
+    with open_store(db, _registry(schema_name)) as store:
+        outcomes = store.retry_quarantined(None if retry_all else list(entry_ids), table=table)
+    if as_json:
+        click.echo(json.dumps([dataclasses.asdict(o) for o in outcomes]))
+    elif not outcomes:
+        click.echo("nothing held" + (f" in {table}" if table else ""))
+    for o in [] if as_json else outcomes:
+        if o.applied:
+            what = o.note
+        elif o.note.startswith(CANNOT_RETRY):
+            what = f"still held: {o.note}"
+        else:
+            what = f"still held (attempt {o.attempts}): {short_reason(o.reason)}"
+        click.echo(f"{o.id} {o.table} {o.key or '(no key)'}: {what}")
+    held = [o for o in outcomes if not o.applied]
+    if held:
+        raise _Failure(f"{len(held)} of {len(outcomes)} entries still held: fix the cause and retry them, or "
+                       "discard them with `tidesync quarantine discard ID... --note TEXT`")  # fmt: skip
+
+
+@quarantine_group.command("discard")
+@_db_option
+@click.argument("entry_ids", nargs=-1, type=int, required=True)
+@click.option("--note", required=True, help="Who decided and why, e.g. \"duplicate of P-123, confirmed with ward\".")
+@_schema_option
+def quarantine_discard(db: str, entry_ids: tuple[int, ...], note: str, schema_name: str) -> None:
+    """Mark held entries discarded, with a note; they stay in the log (see --status discarded)."""
+    with open_store(db, _registry(schema_name)) as store:
+        done = store.discard_quarantined(list(entry_ids), note)
+    click.echo(f"discarded {len(done)} entr{'y' if len(done) == 1 else 'ies'} ({', '.join(map(str, done))}): {note}")
 
 
 if __name__ == "__main__":  # pragma: no cover

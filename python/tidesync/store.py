@@ -2,19 +2,22 @@
 
 A store knows its registry, installs and removes the engine's metadata, hands out
 windows of changes, applies incoming change batches atomically, and keeps cursors,
-the conflict log and the quarantine. ``tidesync.pg.PostgresStore`` (facility and
+the conflict log and the quarantine (with retry and discard). ``tidesync.pg.PostgresStore`` (facility and
 central servers) and ``tidesync.sqlite.SQLiteStore`` (mobile devices) implement it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
-from typing import Protocol
+from collections.abc import Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Protocol
 
 import pyarrow as pa
 
 from tidesync.changes import NO_OPTIONS, ApplyOptions, ApplyResult, Window
 from tidesync.registry import Registry
+
+if TYPE_CHECKING:  # tidesync.quarantine imports this module (through review)
+    from tidesync.quarantine import RetryOutcome
 
 
 class Store(Protocol):
@@ -84,8 +87,28 @@ class Store(Protocol):
         """The conflict log (of ``table``, or the one entry ``conflict_id``): table, key,
         loser and winner stamps, lost columns, losing row (JSON)."""
 
-    def quarantine(self, table: str | None = None) -> pa.Table:
-        """Rows that could not be written: table, key, row (JSON), reason, peer."""
+    def quarantine(
+        self, table: str | None = None, *, status: str | None = None, entry_id: int | None = None
+    ) -> pa.Table:
+        """Versions that could not be written (of ``table``, with ``status``, or the one
+        entry ``entry_id``), every status unless one is given: id, table, key, stamp
+        (``hlc``, ``node``), row (JSON), reason, peer, recorded_at, status (held,
+        retried, discarded), attempts, resolved_at, note, and the version itself (Arrow
+        IPC; null for entries an older install wrote). See :mod:`tidesync.quarantine`."""
+
+    def retry_quarantined(
+        self, ids: Sequence[int] | None = None, *, table: str | None = None
+    ) -> list[RetryOutcome]:
+        """Apply held entries again (``ids``, or every held one of ``table``) through the
+        normal apply, in one transaction with their new statuses: applied ones become
+        ``retried``, rejected ones stay held (one entry, ``attempts`` + 1, new reason)."""
+
+    def discard_quarantined(self, ids: Sequence[int], note: str) -> list[int]:
+        """Mark held entries ``discarded`` with ``note`` (who decided and why); never deletes."""
+
+    def clock_ms(self) -> int:
+        """The database's clock (the one its capture triggers stamp with), in Unix ms.
+        The sync client reports it so the central server can measure the node's skew."""
 
 
 def open_store(db: str, registry: Registry, *, create: bool = False) -> Store:

@@ -322,3 +322,38 @@ def test_streamed_parts_name_an_unknown_table_and_apply_nothing(make_demo_store)
     with pytest.raises(SchemaMismatchError, match="unknown table 'nope'"):
         central.apply_parts([*w.tables.items(), ("nope", w.tables["patients"])], peer="facility-a")
     assert one(central.dsn, "SELECT count(*) FROM patients") == 0
+
+
+def test_a_parent_deleted_with_its_children_applies_children_first(make_demo_store) -> None:  # type: ignore[no-untyped-def]
+    """Regression (found by the convergence harness's review of apply order): parts come
+    parents first, so a patient's tombstone arrived before its encounter's and vitals';
+    deleting the patient first failed its foreign keys and quarantined a valid delete."""
+    a: PostgresStore = make_demo_store("facility-a")
+    central: PostgresStore = make_demo_store("central")
+    pid = seed_patient(a.dsn)
+    seed_encounter(a.dsn, pid, vitals=2)
+    w1 = a.read_window(0)
+    central.apply(w1.tables, peer="facility-a")
+    run(a.dsn, f"DELETE FROM vitals WHERE patient_id = '{pid}'", f"DELETE FROM encounters WHERE patient_id = '{pid}'",
+        f"DELETE FROM patients WHERE id = '{pid}'")  # fmt: skip
+    w2 = a.read_window(w1.watermark)
+    r = central.apply(w2.tables, peer="facility-a")
+    assert r.total("quarantined") == 0 and central.quarantine().num_rows == 0
+    assert (r.tables["patients"].deleted, r.tables["encounters"].deleted, r.tables["vitals"].deleted) == (1, 1, 2)
+    assert one(central.dsn, f"SELECT count(*) FROM patients WHERE id = '{pid}'") == 0
+
+
+def test_a_rejected_row_with_a_non_finite_float_is_quarantined_not_fatal(make_demo_store) -> None:  # type: ignore[no-untyped-def]
+    """Regression: the quarantine's readable JSON of a row holding an infinite or NaN
+    float was refused by jsonb, which failed the whole apply (and so every sync)."""
+    a: PostgresStore = make_demo_store("facility-a")
+    central: PostgresStore = make_demo_store("central")
+    seed_encounter(a.dsn, seed_patient(a.dsn), vitals=2)
+    tables = dict(a.read_window(0).tables)
+    vitals = tables["vitals"]
+    i = vitals.schema.get_field_index("temperature_c")
+    tables["vitals"] = vitals.set_column(i, vitals.schema.field(i), pa.array([float("inf"), float("nan")]))
+    r = central.apply(tables, peer="facility-a")
+    assert r.tables["vitals"].quarantined == 2 and r.tables["encounters"].inserted == 1
+    reasons = central.quarantine(table="vitals").to_pylist()
+    assert {json.loads(e["row_data"])["temperature_c"] for e in reasons} == {"inf", "nan"}

@@ -55,6 +55,24 @@ def test_stamp_never_goes_backwards_even_if_the_clock_does(demo_store: PostgresS
     assert _patient(demo_store)["_base_hlc"] == future  # own chain keeps its base
 
 
+def test_a_key_written_again_after_a_delete_is_stamped_above_its_tombstone(demo_store: PostgresStore) -> None:
+    """Regression (found by the convergence harness): a re-insert took the clock's stamp
+    even when the key's tombstone (from a peer whose clock is ahead, or clamped) carried
+    a later one. The re-insert then lost to the delete everywhere but on its own node,
+    which never heard the tombstone again: the network diverged for good."""
+    dsn = demo_store.dsn
+    vid = new_id()
+    run(dsn, f"INSERT INTO reference_data (id, type, code, name) VALUES ('{vid}', 'drug', 'd1', 'Drug')")
+    future = (int(time.time() * 1000) + 3_600_000) << 16  # a delete stamped an hour ahead, received
+    run(dsn, "SET tidesync.applying = 'on'", f"INSERT INTO tidesync.reference_data__tombstones "
+        f"(id, _cursor, _hlc, _node, _base_hlc) SELECT id, _cursor, {future}, 'central', _hlc FROM reference_data",
+        f"DELETE FROM reference_data WHERE id = '{vid}'")  # fmt: skip
+    run(dsn, f"INSERT INTO reference_data (id, type, code, name) VALUES ('{vid}', 'drug', 'd1', 'Drug again')")
+    t = demo_store.read_window(0).tables["reference_data"].to_pylist()
+    assert [(r["name"], r["_deleted"]) for r in t] == [("Drug again", False)]  # the tombstone went
+    assert t[0]["_hlc"] == future + 1 and t[0]["_node"] == "facility-a"
+
+
 def test_hard_delete_leaves_a_tombstone(demo_store: PostgresStore) -> None:
     dsn = demo_store.dsn
     vid = new_id()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import uuid
 
 import pytest
 
@@ -117,6 +118,29 @@ def test_deletes_propagate(network: Net) -> None:
     sql(a, f"DELETE FROM encounters WHERE patient_id = '{pid}'")
     a.sync(), b.sync()
     assert query(b, f"SELECT count(*) FROM encounters WHERE patient_id = '{pid}'") == [(0,)]
+
+
+def test_a_transfer_does_not_wedge_a_device_that_recorded_care_before_it_knew(network: Net) -> None:
+    """Regression (found by the convergence harness): a patient moved from facility A to
+    B while A's mobile was offline; the mobile then recorded an encounter and a note's
+    deletion for the patient. Central refused the whole push ("not marked for its
+    facility") on every retry, so the device could never sync again."""
+    a, b, mobile = network.a, network.b, network.mobile
+    pid = network.new_patient(a)
+    a.sync(), mobile.sync()
+    # The transfer: A ends its mark, B marks the patient; both sync.
+    sql(a, f"UPDATE patient_facilities SET deleted_at = now() WHERE patient_id = '{pid}'")
+    network.share(pid)
+    # Meanwhile, on the ward's tablet that has not heard of it yet:
+    eid = str(uuid.uuid4())
+    sql(mobile, network.encounter_sql(mobile, pid, eid))
+    report = mobile.sync()
+    assert report.ok and report.pushed_rows >= 1
+    assert eid in ids(network.net, "encounters")
+    b.sync()
+    assert eid in ids(b, "encounters")  # the patient's new facility has the care given
+    # A facility that never had the patient still may not push its rows.
+    assert mobile.sync().ok
 
 
 def test_no_echo_and_quiet_cycles(network: Net) -> None:

@@ -17,12 +17,16 @@ holds one at a time. A table that is empty when its first large part arrives is 
 in bulk (:mod:`tidesync.pg.bulk_load`). An error that says nothing about the rows (a
 cancelled statement, a deadlock, a lost connection) fails the apply; it never
 quarantines.
+
+A quarantined row keeps its whole version; :func:`quarantine_transaction` runs the
+same applier again for ``tidesync quarantine retry`` (see :mod:`tidesync.quarantine`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,11 +47,12 @@ from tidesync.changes import (
     quarantine_bisect,
     rows_as_json,
 )
-from tidesync.errors import SchemaMismatchError
+from tidesync.errors import SchemaMismatchError, SyncError
 from tidesync.pg import bulk_load
 from tidesync.pg.capture import wire_columns
 from tidesync.pg.conn import transaction
-from tidesync.pg.install import APPLYING_GUC, SCHEMA, qi, ql, tomb_table
+from tidesync.pg.install import APPLYING_GUC, SCHEMA, qi, ql, tomb_table, upgrade_quarantine
+from tidesync.quarantine import ENTRY_COLUMNS, Entry, RetryOutcome, stored_versions
 from tidesync.registry import BASE_HLC, DELETED, HLC, NODE, Registry, TableSpec, stamp_column
 
 KEYS = "_tidesync_keys"
@@ -102,10 +107,7 @@ def apply_parts(
     """
     result = ApplyResult()
     with transaction(conn) as cur:
-        cur.execute(f"SET LOCAL {APPLYING_GUC} = 'on'")
-        cur.execute(f"SET LOCAL work_mem = '{WORK_MEM}'")
-        cur.execute(f"SET LOCAL maintenance_work_mem = '{WORK_MEM}'")  # index builds of a bulk load
-        cur.execute("SET CONSTRAINTS ALL DEFERRED")
+        _apply_settings(cur)
         applier = _Applier(cur, peer, options, result)
         for name, batch in parts:
             spec = registry[name]  # an unknown table raises SchemaMismatchError, and nothing commits
@@ -115,6 +117,14 @@ def apply_parts(
             _save_cursor(cur, *cursor)
         cur.execute("SET CONSTRAINTS ALL IMMEDIATE")
     return result
+
+
+def _apply_settings(cur: Any) -> None:
+    """What every apply transaction sets first (all undone when it ends)."""
+    cur.execute(f"SET LOCAL {APPLYING_GUC} = 'on'")
+    cur.execute(f"SET LOCAL work_mem = '{WORK_MEM}'")
+    cur.execute(f"SET LOCAL maintenance_work_mem = '{WORK_MEM}'")  # index builds of a bulk load
+    cur.execute("SET CONSTRAINTS ALL DEFERRED")
 
 
 def _save_cursor(cur: Any, name: str, value: int) -> None:
@@ -143,6 +153,10 @@ class _Applier:
         self.cur, self.peer, self.options, self.result = cur, peer, options, result
         self.seen: set[str] = set()
         self.load: _Load | None = None
+        #: Deletions that still had children: a parent's tombstone arrives before its
+        #: children's (parts come parents first). They are tried again at the end,
+        #: children first, and only then quarantined if still refused.
+        self.deletes: list[tuple[TableSpec, pa.Table]] = []
 
     def part(self, spec: TableSpec, incoming: pa.Table) -> None:
         if self.load is not None and self.load.spec.name != spec.name:
@@ -154,7 +168,7 @@ class _Applier:
         incoming, bad = _reject_unusable(spec, incoming)
         if bad.num_rows:
             _quarantine(cur, spec, bad, [("a version needs a key, _hlc and _node", i) for i in range(bad.num_rows)],
-                        self.peer)  # fmt: skip
+                        self.peer, self.options)  # fmt: skip
             stats.quarantined += bad.num_rows
         if spec.name not in self.seen:
             self.seen.add(spec.name)
@@ -170,6 +184,10 @@ class _Applier:
     def finish(self) -> None:
         if self.load is not None:
             self._end_load()
+        for spec, rows in reversed(self.deletes):
+            stats = self.result.tables[spec.name]
+            stats.deleted += _write(self.cur, spec, rows, self.peer, self.options, stats, _delete_rows)
+        self.deletes.clear()
 
     def _straight_in(self, spec: TableSpec, incoming: pa.Table, stats: TableApplyStats) -> bool:
         """COPY a part of a bulk load, sorted by key (the primary key index then grows at
@@ -190,13 +208,15 @@ class _Applier:
         return True
 
     def _merge(self, spec: TableSpec, incoming: pa.Table, stats: TableApplyStats) -> None:
-        cur, peer = self.cur, self.peer
+        cur, peer, options = self.cur, self.peer, self.options
         local = read_local(cur, spec, incoming.column(spec.key))
-        plan = plan_apply(spec, local, incoming, peer, self.options)
+        plan = plan_apply(spec, local, incoming, peer, options)
         stats.unchanged += plan.unchanged
-        stats.inserted += _write(cur, spec, plan.inserts, peer, stats, _insert_rows)
-        stats.updated += _write(cur, spec, plan.updates, peer, stats, _update_rows)
-        stats.deleted += _write(cur, spec, plan.deletes, peer, stats, _delete_rows)
+        stats.inserted += _write(cur, spec, plan.inserts, peer, options, stats, _insert_rows)
+        stats.updated += _write(cur, spec, plan.updates, peer, options, stats, _update_rows)
+        held: list[pa.Table] = []
+        stats.deleted += _write(cur, spec, plan.deletes, peer, options, stats, _delete_rows, held=held)
+        self.deletes += [(spec, rows) for rows in held]
         if len(plan.revived):
             _stage(cur, spec, pa.table({spec.key: plan.revived}), key_only=True)
             cur.execute(f"DELETE FROM {tomb_table(spec)} t USING {KEYS} k WHERE t.{qi(spec.key)} = k.{qi(spec.key)}")
@@ -209,7 +229,7 @@ class _Applier:
         spec, stats = load.spec, self.result.tables[load.spec.name]
         for orphans, reason in bulk_load.restore(self.cur, load.aside, wire_columns(spec, "t", tombstone=False)):
             rows = conform(orphans, spec, "orphan rows")
-            _quarantine(self.cur, spec, rows, [(reason, i) for i in range(rows.num_rows)], self.peer)
+            _quarantine(self.cur, spec, rows, [(reason, i) for i in range(rows.num_rows)], self.peer, self.options)
             stats.quarantined += rows.num_rows
             stats.inserted -= rows.num_rows
 
@@ -280,10 +300,18 @@ def read_local(cur: Any, spec: TableSpec, keys: pa.ChunkedArray, *, lock: bool =
 # ----------------------------------------------------------------------------- writing
 
 
-def _write(cur: Any, spec: TableSpec, rows: pa.Table, peer: str | None, stats: TableApplyStats, op: Any) -> int:
-    """Run ``op`` on ``rows``; rows the database rejects go to the quarantine. Returns rows written."""
+def _write(
+    cur: Any, spec: TableSpec, rows: pa.Table, peer: str | None, options: ApplyOptions, stats: TableApplyStats, op: Any,
+    *, held: list[pa.Table] | None = None,
+) -> int:
+    """Run ``op`` on ``rows``; rows the database rejects go to the quarantine. Returns rows written.
+
+    With ``held``, rows refused only because other rows still reference them (a
+    foreign key, SQLSTATE 23503) are appended there instead, to be tried again later.
+    """
     if rows.num_rows == 0:
         return 0
+    states: dict[str, str] = {}
 
     def attempt(batch: pa.Table) -> str | None:
         cur.execute("SAVEPOINT tidesync_write")
@@ -297,16 +325,23 @@ def _write(cur: Any, spec: TableSpec, rows: pa.Table, peer: str | None, stats: T
             if not _blames_the_rows(exc):
                 raise
             cur.execute("ROLLBACK TO SAVEPOINT tidesync_write")
-            return _error_text(exc)
+            text = _error_text(exc)
+            states[text] = getattr(exc, "sqlstate", None) or ""
+            return text
         cur.execute("RELEASE SAVEPOINT tidesync_write")
         return None
 
     bad = quarantine_bisect(rows, attempt)
+    waiting = [i for i, reason in bad if states.get(reason) == "23503"] if held is not None else []
+    if waiting:
+        assert held is not None
+        held.append(rows.take(pa.array(waiting, pa.int64())))
+        bad = [(i, reason) for i, reason in bad if states.get(reason) != "23503"]
     if bad:
         idx = pa.array([i for i, _ in bad], pa.int64())
-        _quarantine(cur, spec, rows.take(idx), [(reason, i) for i, (_, reason) in enumerate(bad)], peer)
+        _quarantine(cur, spec, rows.take(idx), [(reason, i) for i, (_, reason) in enumerate(bad)], peer, options)
         stats.quarantined += len(bad)
-    return int(rows.num_rows) - len(bad)
+    return int(rows.num_rows) - len(bad) - len(waiting)
 
 
 #: SQLSTATE classes that say nothing about the rows: a cancelled statement (Ctrl-C, a
@@ -401,8 +436,11 @@ def _log_conflicts(cur: Any, spec: TableSpec, plan: ApplyPlan, peer: str | None)
     return int(c.num_rows)
 
 
-def _quarantine(cur: Any, spec: TableSpec, rows: pa.Table, reasons: list[tuple[str, int]], peer: str | None) -> None:
-    """Record rejected versions with the reason (rare path: a few rows, for people to read)."""
+def _quarantine(
+    cur: Any, spec: TableSpec, rows: pa.Table, reasons: list[tuple[str, int]], peer: str | None, options: ApplyOptions
+) -> None:
+    """Record rejected versions with the reason (rare path: a few rows, for people to read),
+    each with the whole version, so that it can be retried (:mod:`tidesync.quarantine`)."""
     key_col = rows.column(spec.key)
     keys: list[str | None] = [None] * rows.num_rows
     if key_col.null_count == 0:
@@ -418,16 +456,123 @@ def _quarantine(cur: Any, spec: TableSpec, rows: pa.Table, reasons: list[tuple[s
             "node": rows.column(NODE),
             "row_data": pa.array(rows_as_json(spec, rows), pa.string()),
             "reason": pa.array([r for r, _ in reasons], pa.string()),
+            "version": pa.array(stored_versions(spec, rows, peer, options), pa.binary()),
         }
     )
+    upgrade_quarantine(cur)  # a node installed by an older version gets the columns now
     cur.execute("DROP TABLE IF EXISTS _tidesync_quarantine")
     cur.execute(
-        "CREATE TEMP TABLE _tidesync_quarantine (key text, hlc bigint, node text, row_data text, reason text) "
-        "ON COMMIT DROP"
+        "CREATE TEMP TABLE _tidesync_quarantine (key text, hlc bigint, node text, row_data text, reason text, "
+        "version bytea) ON COMMIT DROP"
     )
     cur.adbc_ingest("_tidesync_quarantine", table, mode="append", temporary=True)
     cur.execute(
-        f"INSERT INTO {SCHEMA}.quarantine (table_name, key, hlc, node, row_data, reason, peer) "
-        f"SELECT {ql(spec.name)}, key, hlc, node, row_data::jsonb, reason, {'NULL' if peer is None else ql(peer)} "
-        "FROM _tidesync_quarantine"
+        f"INSERT INTO {SCHEMA}.quarantine (table_name, key, hlc, node, row_data, reason, peer, version) "
+        f"SELECT {ql(spec.name)}, key, hlc, node, row_data::jsonb, reason, {'NULL' if peer is None else ql(peer)}, "
+        "version FROM _tidesync_quarantine"
     )
+
+
+# ----------------------------------------------------------------------------- quarantine retry
+
+
+@contextlib.contextmanager
+def quarantine_transaction(conn: Any) -> Iterator[PgQuarantineTxn]:
+    """One transaction for a retry or discard of quarantine entries (see
+    :func:`tidesync.quarantine.retry_in`): set up as an apply is, committed at the end.
+
+    Repeatable read, so that the logs show this transaction's writes and nothing a
+    concurrent apply commits meanwhile: entries above the id marks are the retry's own.
+    (Telling them by ``xmin`` fails: the bulk load keeps writing inside a savepoint.) A
+    row changed concurrently then fails the retry as a whole, to be run again."""
+    try:
+        with transaction(conn, "BEGIN ISOLATION LEVEL REPEATABLE READ") as cur:
+            upgrade_quarantine(cur)
+            _apply_settings(cur)
+            yield PgQuarantineTxn(cur)
+            cur.execute("SET CONSTRAINTS ALL IMMEDIATE")
+    except Exception as exc:
+        if getattr(exc, "sqlstate", None) != SERIALIZATION_FAILURE:
+            raise
+        raise SyncError("rows of this retry changed while it ran (a sync or an edit at the same time); nothing "
+                        "was done: run it again") from exc  # fmt: skip
+
+
+def _ids(ids: Sequence[int]) -> str:
+    return ", ".join(str(int(i)) for i in ids)
+
+
+SERIALIZATION_FAILURE = "40001"
+
+
+class PgQuarantineTxn:
+    """The statements of :class:`tidesync.quarantine.QuarantineTxn` on PostgreSQL."""
+
+    def __init__(self, cur: Any) -> None:
+        self.cur = cur
+
+    def entries(self, ids: Sequence[int] | None, table: str | None) -> list[Entry]:
+        if ids is not None and not ids:
+            return []
+        conds = ["status = 'held'"] if ids is None else [f"id IN ({_ids(ids)})"]
+        if table is not None:
+            conds.append(f"table_name = {ql(table)}")
+        return self._entries(" AND ".join(conds), lock=True)
+
+    def _entries(self, where: str, *, lock: bool = False) -> list[Entry]:
+        # FOR UPDATE: a second retry of the same entries waits, then finds them settled.
+        self.cur.execute(f"SELECT {', '.join(ENTRY_COLUMNS)} FROM {SCHEMA}.quarantine WHERE {where} ORDER BY id"
+                         + (" FOR UPDATE" if lock else ""))  # fmt: skip
+        return [Entry.from_row(r) for r in self.cur.fetchall()]
+
+    def marks(self) -> tuple[int, int]:
+        self.cur.execute(f"SELECT (SELECT coalesce(max(id), 0) FROM {SCHEMA}.quarantine), "
+                         f"(SELECT coalesce(max(id), 0) FROM {SCHEMA}.conflicts)")  # fmt: skip
+        q, c = self.cur.fetchone()
+        return int(q), int(c)
+
+    def apply(self, spec: TableSpec, batch: pa.Table, peer: str | None, options: ApplyOptions) -> None:
+        applier = _Applier(self.cur, peer, options, ApplyResult())
+        applier.part(spec, conform(batch, spec, "quarantined version"))
+        applier.finish()
+
+    def current(self, spec: TableSpec, keys: pa.Array) -> pa.Table:
+        return read_local(self.cur, spec, pa.chunked_array([keys]), lock=False)
+
+    def added_since(self, marks: tuple[int, int]) -> tuple[list[Entry], list[tuple[int, str, str]]]:
+        added = self._entries(f"id > {int(marks[0])}")
+        self.cur.execute(f"SELECT id, table_name, key FROM {SCHEMA}.conflicts WHERE id > {int(marks[1])}")
+        return added, [(int(i), str(t), str(k)) for i, t, k in self.cur.fetchall()]
+
+    def remove(self, entry_ids: Sequence[int], conflict_ids: Sequence[int]) -> None:
+        if entry_ids:
+            self.cur.execute(f"DELETE FROM {SCHEMA}.quarantine WHERE id IN ({_ids(entry_ids)})")
+        if conflict_ids:
+            self.cur.execute(f"DELETE FROM {SCHEMA}.conflicts WHERE id IN ({_ids(conflict_ids)})")
+
+    def settle(self, outcomes: Sequence[RetryOutcome]) -> None:
+        if not outcomes:
+            return
+        rows = pa.table(
+            {
+                "id": pa.array([o.id for o in outcomes], pa.int64()),
+                "applied": pa.array([o.applied for o in outcomes], pa.bool_()),
+                "note": pa.array([o.note for o in outcomes], pa.string()),
+                "reason": pa.array([o.reason for o in outcomes], pa.string()),
+                "attempts": pa.array([o.attempts for o in outcomes], pa.int32()),
+            }
+        )
+        self.cur.execute("DROP TABLE IF EXISTS _tidesync_settle")
+        self.cur.execute("CREATE TEMP TABLE _tidesync_settle (id bigint, applied boolean, note text, reason text, "
+                         "attempts integer) ON COMMIT DROP")  # fmt: skip
+        self.cur.adbc_ingest("_tidesync_settle", rows, mode="append", temporary=True)
+        self.cur.execute(
+            f"UPDATE {SCHEMA}.quarantine q SET status = CASE WHEN s.applied THEN 'retried' ELSE 'held' END, "
+            "resolved_at = CASE WHEN s.applied THEN now() END, note = s.note, reason = s.reason, "
+            "attempts = s.attempts FROM _tidesync_settle s WHERE q.id = s.id"
+        )
+
+    def discard(self, ids: Sequence[int], note: str) -> None:
+        if ids:
+            self.cur.execute(f"UPDATE {SCHEMA}.quarantine SET status = 'discarded', resolved_at = now(), "
+                             f"note = {ql(note)} WHERE id IN ({_ids(ids)}) AND status = 'held'")  # fmt: skip

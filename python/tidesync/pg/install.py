@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from tidesync.errors import SchemaMismatchError
+from tidesync.errors import NotInstalledError, SchemaMismatchError
 from tidesync.pg.conn import execute_script, transaction
 from tidesync.registry import Registry, TableSpec, stamp_column
 
@@ -99,6 +99,36 @@ CREATE TABLE IF NOT EXISTS {SCHEMA}.quarantine (
 );
 """
 
+#: Quarantine columns added after its first release (see :mod:`tidesync.quarantine`):
+#: a fresh install and an upgrade of an older one run the same statement.
+QUARANTINE_COLUMNS = {
+    # The rejected version: one row in the table's wire schema, as an Arrow IPC stream.
+    "version": "bytea",
+    "status": "text NOT NULL DEFAULT 'held' CHECK (status IN ('held', 'retried', 'discarded'))",
+    "attempts": "integer NOT NULL DEFAULT 1",
+    "resolved_at": "timestamptz",
+    "note": "text",  # what a retry did, or who discarded the entry and why
+}
+QUARANTINE_UPGRADE = f"ALTER TABLE {SCHEMA}.quarantine " + ", ".join(
+    f"ADD COLUMN IF NOT EXISTS {name} {decl}" for name, decl in QUARANTINE_COLUMNS.items()
+)
+
+
+def upgrade_quarantine(cur: Any) -> None:
+    """Give a quarantine made by an older install its newer columns. Looks before it
+    alters (an ALTER locks the table even when it changes nothing), so it is cheap on
+    the paths that call it: writing entries, and the quarantine commands."""
+    cur.execute(
+        "SELECT count(*) FROM pg_attribute WHERE attrelid = to_regclass("
+        f"{ql(SCHEMA + '.quarantine')}) AND attnum > 0 AND NOT attisdropped "
+        f"AND attname IN ({', '.join(ql(c) for c in QUARANTINE_COLUMNS)})"
+    )
+    if int(cur.fetchone()[0]) < len(QUARANTINE_COLUMNS):
+        cur.execute(f"SELECT to_regclass({ql(SCHEMA + '.quarantine')}) IS NOT NULL")
+        if not cur.fetchone()[0]:
+            raise NotInstalledError("tidesync is not installed in this database: run `tidesync schema install`")
+        cur.execute(QUARANTINE_UPGRADE)
+
 
 def _columns_of(cur: Any, table: str) -> dict[str, str]:
     cur.execute(
@@ -139,8 +169,13 @@ def _stamp_functions(spec: TableSpec, node_id: str) -> str:
     key = qi(spec.key)
     return f"""
 CREATE OR REPLACE FUNCTION {_fn(spec, 'insert')}() RETURNS trigger LANGUAGE plpgsql AS $fn$
-DECLARE h bigint := {NOW_HLC};
+DECLARE h bigint := {NOW_HLC}; dead bigint;
 BEGIN
+    -- A key written again after a delete: the new version goes above the tombstone (a
+    -- clock behind it, or one millisecond, must not order the re-insert before the
+    -- delete), and the tombstone goes. One index probe when there is none.
+    DELETE FROM {tomb_table(spec)} WHERE {key} = NEW.{key} RETURNING _hlc INTO dead;
+    IF dead >= h THEN h := dead + 1; END IF;
     NEW._cursor := pg_current_xact_id();
     NEW._hlc := h;
     NEW._node := {me};
@@ -230,6 +265,7 @@ def install(conn: Any, registry: Registry, node_id: str) -> None:
         check_tables(cur, registry)
         cur.execute(f"SELECT pg_advisory_xact_lock(hashtext({ql(SCHEMA + '.install')}))")
         execute_script(cur, BOOKKEEPING)
+        cur.execute(QUARANTINE_UPGRADE)
         cur.execute(f"SELECT node_id, registry FROM {SCHEMA}.node")
         row = cur.fetchone()
         if row is not None and row[0] != node_id:

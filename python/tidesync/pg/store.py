@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import pyarrow as pa
@@ -13,6 +13,7 @@ from tidesync.pg import apply as _apply
 from tidesync.pg import capture, install
 from tidesync.pg.conn import connect
 from tidesync.pg.install import SCHEMA, qi, ql
+from tidesync.quarantine import RetryOutcome, discard_in, retry_in
 from tidesync.registry import Registry
 
 
@@ -158,14 +159,41 @@ class PostgresStore:
             f"loser_row::text AS loser_row, peer, recorded_at FROM {SCHEMA}.conflicts{where} ORDER BY id"
         )
 
-    def quarantine(self, table: str | None = None) -> pa.Table:
-        where = "" if table is None else f" WHERE table_name = {ql(table)}"
+    def quarantine(
+        self, table: str | None = None, *, status: str | None = None, entry_id: int | None = None
+    ) -> pa.Table:
+        conds = [f"{col} = {value}" for col, value in
+                 (("table_name", None if table is None else ql(table)),
+                  ("status", None if status is None else ql(status)),
+                  ("id", None if entry_id is None else str(int(entry_id)))) if value is not None]  # fmt: skip
+        where = f" WHERE {' AND '.join(conds)}" if conds else ""
+        with self._conn.cursor() as cur:
+            install.upgrade_quarantine(cur)
         return self._query(
-            "SELECT id, table_name, key, hlc, node, row_data::text AS row_data, reason, peer, recorded_at "
-            f"FROM {SCHEMA}.quarantine{where} ORDER BY id"
+            "SELECT id, table_name, key, hlc, node, row_data::text AS row_data, reason, peer, recorded_at, status, "
+            f"attempts, resolved_at, note, version FROM {SCHEMA}.quarantine{where} ORDER BY id"
         )
+
+    def retry_quarantined(
+        self, ids: Sequence[int] | None = None, *, table: str | None = None
+    ) -> list[RetryOutcome]:
+        """Apply held quarantine entries again, in one transaction (:func:`tidesync.quarantine.retry_in`)."""
+        with _apply.quarantine_transaction(self._conn) as txn:
+            return retry_in(txn, self.registry, ids, table)
+
+    def discard_quarantined(self, ids: Sequence[int], note: str) -> list[int]:
+        """Mark held quarantine entries discarded, with ``note`` saying who decided and why."""
+        with _apply.quarantine_transaction(self._conn) as txn:
+            return discard_in(txn, ids, note)
 
     def _query(self, sql: str) -> pa.Table:
         with self._conn.cursor() as cur:
             cur.execute(sql)
             return cur.fetch_arrow_table()
+
+    def clock_ms(self) -> int:
+        """``clock_timestamp()`` in Unix ms: the clock the capture triggers stamp with
+        (``install.NOW_HLC``), read the same way so a skewed clock shows as it stamps."""
+        with self._conn.cursor() as cur:
+            cur.execute("SELECT (date_part('epoch', clock_timestamp()) * 1000)::bigint")
+            return int(cur.fetchone()[0])

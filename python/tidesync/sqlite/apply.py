@@ -27,8 +27,9 @@ journal to roll the whole apply back.
 
 from __future__ import annotations
 
+import contextlib
 import json
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -53,7 +54,15 @@ from tidesync.registry import BASE_HLC, DELETED, HLC, NODE, Registry, TableSpec
 from tidesync.sqlite import names
 from tidesync.sqlite.capture import select_columns, to_wire, tombstones_to_wire
 from tidesync.sqlite.conn import Connection, IntegrityError, quote
-from tidesync.sqlite.install import ForeignKey, TableInfo, foreign_keys, installed_node, table_exists
+from tidesync.quarantine import ENTRY_COLUMNS, Entry, RetryOutcome, stored_versions
+from tidesync.sqlite.install import (
+    ForeignKey,
+    TableInfo,
+    foreign_keys,
+    installed_node,
+    table_exists,
+    upgrade_quarantine,
+)
 from tidesync.sqlite.types import to_storage
 
 _KEYS, _STAGE, _DEL = "_tidesync_keys", "_tidesync_stage", "_tidesync_del"
@@ -61,12 +70,18 @@ _KEYS, _STAGE, _DEL = "_tidesync_keys", "_tidesync_stage", "_tidesync_del"
 
 @dataclass
 class _Quarantined:
+    """Rows one apply could not write, gathered for the quarantine (each with its whole
+    version: :func:`tidesync.quarantine.stored_versions`)."""
+
+    peer: str | None = None
+    options: ApplyOptions = NO_OPTIONS
     table: list[str] = field(default_factory=list)
     key: list[str] = field(default_factory=list)
     hlc: list[int | None] = field(default_factory=list)
     node: list[str | None] = field(default_factory=list)
     row: list[str] = field(default_factory=list)
     reason: list[str] = field(default_factory=list)
+    version: list[bytes] = field(default_factory=list)
 
     def add(self, spec: TableSpec, rows: pa.Table, reasons: list[str], *, tombstone: bool = False) -> None:
         if not rows.num_rows:
@@ -80,6 +95,7 @@ class _Quarantined:
         else:
             self.row += rows_as_json(spec, rows)
         self.reason += reasons
+        self.version += stored_versions(spec, rows, self.peer, self.options)
 
 
 def apply(
@@ -98,31 +114,47 @@ def apply(
     if installed_node(conn) is None:
         raise SchemaMismatchError(f"{conn.path} has no tidesync metadata: run `tidesync schema install` first")
     result = ApplyResult({s.name: TableApplyStats() for s in specs})
-    quarantined = _Quarantined()
     with conn.transaction("IMMEDIATE"):
-        conn.execute("PRAGMA defer_foreign_keys = ON")
-        conn.execute(f"UPDATE {quote(names.CLOCK)} SET value = value + 1")
-        change = int(conn.scalar(f"SELECT value FROM {quote(names.CLOCK)}"))
-        plans: dict[str, ApplyPlan] = {}
-        for spec in specs:
-            batch = incoming[spec.name]
-            if batch.num_rows:
-                plans[spec.name] = plan_apply(spec, read_local(conn, spec, batch), batch, peer, options)
-                stats = result.tables[spec.name]
-                stats.unchanged = plans[spec.name].unchanged
-                stats.conflicts = plans[spec.name].conflicts.num_rows
-        for spec in specs:
-            if spec.name in plans:
-                _write_upserts(conn, plans[spec.name], infos[spec.name], change, result.tables[spec.name], quarantined)
-        children = _referencing(conn) if any(p.deletes.num_rows for p in plans.values()) else {}
-        for spec in reversed(specs):
-            if spec.name in plans:
-                _write_deletes(conn, plans[spec.name], children, change, result.tables[spec.name], quarantined)
-        _log_conflicts(conn, [p for p in plans.values() if p.conflicts.num_rows], peer)
-        _log_quarantine(conn, quarantined, peer)
+        apply_in_transaction(conn, specs, infos, incoming, peer, options, result)
         if cursor is not None:
             set_cursor(conn, *cursor)
     return result
+
+
+def apply_in_transaction(
+    conn: Connection,
+    specs: list[TableSpec],
+    infos: Mapping[str, TableInfo],
+    incoming: Mapping[str, pa.Table],
+    peer: str | None,
+    options: ApplyOptions,
+    result: ApplyResult,
+) -> None:
+    """Steps 1-4 of the module's docstring (without the cursor) inside the caller's
+    transaction: ``apply``, and a retry of quarantined versions, which settles the
+    entries in the same transaction. ``specs`` in foreign-key order, ``incoming``
+    conformed, ``result`` with stats for every spec."""
+    quarantined = _Quarantined(peer, options)
+    conn.execute("PRAGMA defer_foreign_keys = ON")
+    conn.execute(f"UPDATE {quote(names.CLOCK)} SET value = value + 1")
+    change = int(conn.scalar(f"SELECT value FROM {quote(names.CLOCK)}"))
+    plans: dict[str, ApplyPlan] = {}
+    for spec in specs:
+        batch = incoming[spec.name]
+        if batch.num_rows:
+            plans[spec.name] = plan_apply(spec, read_local(conn, spec, batch), batch, peer, options)
+            stats = result.tables[spec.name]
+            stats.unchanged = plans[spec.name].unchanged
+            stats.conflicts = plans[spec.name].conflicts.num_rows
+    for spec in specs:
+        if spec.name in plans:
+            _write_upserts(conn, plans[spec.name], infos[spec.name], change, result.tables[spec.name], quarantined)
+    children = _referencing(conn) if any(p.deletes.num_rows for p in plans.values()) else {}
+    for spec in reversed(specs):
+        if spec.name in plans:
+            _write_deletes(conn, plans[spec.name], children, change, result.tables[spec.name], quarantined)
+    _log_conflicts(conn, [p for p in plans.values() if p.conflicts.num_rows], peer)
+    _log_quarantine(conn, quarantined)
 
 
 def set_cursor(conn: Connection, name: str, value: int) -> None:
@@ -373,9 +405,10 @@ def _log_conflicts(conn: Connection, plans: list[ApplyPlan], peer: str | None) -
         )
 
 
-def _log_quarantine(conn: Connection, q: _Quarantined, peer: str | None) -> None:
+def _log_quarantine(conn: Connection, q: _Quarantined) -> None:
     if not q.table:
         return
+    upgrade_quarantine(conn)  # a device installed by an older version gets the columns now
     rows = pa.table(
         {
             "table_name": pa.array(q.table, pa.string()),
@@ -384,12 +417,103 @@ def _log_quarantine(conn: Connection, q: _Quarantined, peer: str | None) -> None
             "node": pa.array(q.node, pa.string()),
             "row_data": pa.array(q.row, pa.string()),
             "reason": pa.array(q.reason, pa.string()),
-            "peer": pa.array([peer] * len(q.table), pa.string()),
+            "peer": pa.array([q.peer] * len(q.table), pa.string()),
+            "version": pa.array(q.version, pa.binary()),
         }
     )
     conn.executemany(
-        f"INSERT INTO {quote(names.QUARANTINE)} (table_name, key, hlc, node, row_data, reason, peer) "
-        "VALUES (?, ?, ?, ?, ?, ?, ?)",
+        f"INSERT INTO {quote(names.QUARANTINE)} (table_name, key, hlc, node, row_data, reason, peer, version) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
         rows,
     )
 
+
+
+# ----------------------------------------------------------------------------- quarantine retry
+
+
+@contextlib.contextmanager
+def quarantine_transaction(conn: Connection, infos: Mapping[str, TableInfo]) -> Iterator[SQLiteQuarantineTxn]:
+    """One write transaction for a retry or discard of quarantine entries (see
+    :func:`tidesync.quarantine.retry_in`); ``BEGIN IMMEDIATE`` makes it the only writer."""
+    if installed_node(conn) is None:
+        raise SchemaMismatchError(f"{conn.path} has no tidesync metadata: run `tidesync schema install` first")
+    with conn.transaction("IMMEDIATE"):
+        upgrade_quarantine(conn)
+        yield SQLiteQuarantineTxn(conn, infos)
+
+
+_NOW = "strftime('%Y-%m-%dT%H:%M:%f', 'now') || '000Z'"  # as recorded_at's default writes it
+
+
+def _marks(n: int) -> str:
+    return ", ".join("?" * n)
+
+
+class SQLiteQuarantineTxn:
+    """The statements of :class:`tidesync.quarantine.QuarantineTxn` on SQLite. Being the
+    only writer, everything above the id marks was logged by this transaction."""
+
+    def __init__(self, conn: Connection, infos: Mapping[str, TableInfo]) -> None:
+        self.conn, self.infos = conn, infos
+
+    def entries(self, ids: Sequence[int] | None, table: str | None) -> list[Entry]:
+        if ids is not None and not ids:
+            return []
+        conds = ["status = 'held'"] if ids is None else [f"id IN ({_marks(len(ids))})"]
+        params: list[object] = [] if ids is None else list(ids)
+        if table is not None:
+            conds.append("table_name = ?")
+            params.append(table)
+        return self._entries(" AND ".join(conds), params)
+
+    def _entries(self, where: str, params: list[object]) -> list[Entry]:
+        rows = self.conn.rows(f"SELECT {', '.join(ENTRY_COLUMNS)} FROM {quote(names.QUARANTINE)} WHERE {where} "
+                              "ORDER BY id", params)  # fmt: skip
+        return [Entry.from_row(r) for r in rows]
+
+    def marks(self) -> tuple[int, int]:
+        q = self.conn.scalar(f"SELECT coalesce(max(id), 0) FROM {quote(names.QUARANTINE)}")
+        c = self.conn.scalar(f"SELECT coalesce(max(id), 0) FROM {quote(names.CONFLICTS)}")
+        return int(q), int(c)
+
+    def apply(self, spec: TableSpec, batch: pa.Table, peer: str | None, options: ApplyOptions) -> None:
+        result = ApplyResult({spec.name: TableApplyStats()})
+        incoming = {spec.name: conform(batch, spec, "quarantined version")}
+        apply_in_transaction(self.conn, [spec], self.infos, incoming, peer, options, result)
+
+    def current(self, spec: TableSpec, keys: pa.Array) -> pa.Table:
+        return read_local(self.conn, spec, pa.table({spec.key: keys}))
+
+    def added_since(self, marks: tuple[int, int]) -> tuple[list[Entry], list[tuple[int, str, str]]]:
+        added = self._entries("id > ?", [marks[0]])
+        rows = self.conn.rows(f"SELECT id, table_name, key FROM {quote(names.CONFLICTS)} WHERE id > ?", [marks[1]])
+        return added, [(int(i), str(t), str(k)) for i, t, k in rows]
+
+    def remove(self, entry_ids: Sequence[int], conflict_ids: Sequence[int]) -> None:
+        for log, ids in ((names.QUARANTINE, entry_ids), (names.CONFLICTS, conflict_ids)):
+            if ids:
+                self.conn.execute(f"DELETE FROM {quote(log)} WHERE id IN ({_marks(len(ids))})", list(ids))
+
+    def settle(self, outcomes: Sequence[RetryOutcome]) -> None:
+        rows = pa.table(
+            {
+                "status": pa.array(["retried" if o.applied else "held" for o in outcomes], pa.string()),
+                "applied": pa.array([int(o.applied) for o in outcomes], pa.int64()),
+                "note": pa.array([o.note for o in outcomes], pa.string()),
+                "reason": pa.array([o.reason for o in outcomes], pa.string()),
+                "attempts": pa.array([o.attempts for o in outcomes], pa.int64()),
+                "id": pa.array([o.id for o in outcomes], pa.int64()),
+            }
+        )
+        self.conn.executemany(
+            f"UPDATE {quote(names.QUARANTINE)} SET status = ?, resolved_at = CASE WHEN ? THEN {_NOW} END, "
+            "note = ?, reason = ?, attempts = ? WHERE id = ?",
+            rows,
+        )
+
+    def discard(self, ids: Sequence[int], note: str) -> None:
+        if ids:
+            self.conn.execute(f"UPDATE {quote(names.QUARANTINE)} SET status = 'discarded', resolved_at = {_NOW}, "
+                              f"note = ? WHERE id IN ({_marks(len(ids))}) AND status = 'held'",
+                              [note, *ids])  # fmt: skip

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from tidesync.errors import InvalidInputError, SchemaMismatchError
+from tidesync.errors import InvalidInputError, NotInstalledError, SchemaMismatchError
 from tidesync.registry import Registry, TableSpec, stamp_column
 from tidesync.sqlite import names
 from tidesync.sqlite.capture import NOW_HLC, trigger_ddl
@@ -162,6 +162,34 @@ _BOOKKEEPING = [
 )""",
 ]
 
+#: Quarantine columns added after its first release (see :mod:`tidesync.quarantine`): a
+#: fresh install and an upgrade of an older one add them the same way.
+QUARANTINE_COLUMNS = (
+    # The rejected version: one row in the table's wire schema, as an Arrow IPC stream.
+    ("version", "BLOB"),
+    ("status", "TEXT NOT NULL DEFAULT 'held' CHECK (status IN ('held', 'retried', 'discarded'))"),
+    ("attempts", "INTEGER NOT NULL DEFAULT 1"),
+    ("resolved_at", "TEXT"),  # written like recorded_at
+    ("note", "TEXT"),  # what a retry did, or who discarded the entry and why
+)
+
+
+def upgrade_quarantine(conn: Connection) -> None:
+    """Give a quarantine made by an older install its newer columns (looks first; in the
+    caller's transaction if one is open, else in its own)."""
+    have = {str(r[1]) for r in conn.rows(f"PRAGMA table_info({quote(names.QUARANTINE)})")}
+    if not have:
+        raise NotInstalledError(f"tidesync is not installed in {conn.path}: run `tidesync schema install` first")
+    missing = [(c, decl) for c, decl in QUARANTINE_COLUMNS if c not in have]
+    if not missing:
+        return
+    if not conn.in_transaction:
+        with conn.transaction("IMMEDIATE"):
+            upgrade_quarantine(conn)  # looks again, under the write lock
+        return
+    for col, decl in missing:
+        conn.execute(f"ALTER TABLE {quote(names.QUARANTINE)} ADD COLUMN {col} {decl}")
+
 
 def install(conn: Connection, registry: Registry, node_id: str) -> None:
     """Add the engine's metadata (idempotent; one transaction)."""
@@ -178,6 +206,7 @@ def install(conn: Connection, registry: Registry, node_id: str) -> None:
         infos = {spec.name: inspect(conn, spec) for spec in registry}
         for stmt in _BOOKKEEPING:
             conn.execute(stmt)
+        upgrade_quarantine(conn)
         conn.execute(
             f"INSERT INTO {names.NODE_INFO} (id, node_id, registry, format) VALUES (1, ?, ?, ?) "
             "ON CONFLICT (id) DO UPDATE SET registry = excluded.registry, format = excluded.format",

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 
@@ -11,10 +11,12 @@ import pyarrow as pa
 
 from tidesync.changes import NO_OPTIONS, ApplyOptions, ApplyResult, Window, conform, key_texts
 from tidesync.errors import NotInstalledError
+from tidesync.quarantine import RetryOutcome, discard_in, retry_in
 from tidesync.registry import LogicalType, Registry
 from tidesync.sqlite import apply as _apply
 from tidesync.sqlite import capture, install, names
 from tidesync.sqlite.conn import Connection, quote
+from tidesync.sqlite.install import TableInfo
 from tidesync.sqlite.types import from_storage
 
 CONFLICTS_SCHEMA = pa.schema(
@@ -43,8 +45,14 @@ QUARANTINE_SCHEMA = pa.schema(
         ("reason", pa.string()),
         ("peer", pa.string()),
         ("recorded_at", pa.timestamp("us", "UTC")),
+        ("status", pa.string()),
+        ("attempts", pa.int32()),
+        ("resolved_at", pa.timestamp("us", "UTC")),
+        ("note", pa.string()),
+        ("version", pa.binary()),
     ]
 )
+
 
 class SQLiteStore:
     """A node database in one SQLite file (a phone or tablet: one writer at a time).
@@ -117,9 +125,12 @@ class SQLiteStore:
         options: ApplyOptions = NO_OPTIONS,
     ) -> ApplyResult:
         """Merge and write incoming change batches in one transaction."""
+        return _apply.apply(self._conn, self.registry, self._table_infos(), batches, peer, cursor, options)
+
+    def _table_infos(self) -> dict[str, TableInfo]:
         if self._infos is None:
             self._infos = {s.name: install.inspect(self._conn, s) for s in self.registry}
-        return _apply.apply(self._conn, self.registry, self._infos, batches, peer, cursor, options)
+        return self._infos
 
     def apply_parts(
         self,
@@ -203,14 +214,32 @@ class SQLiteStore:
         loser and winner stamps, lost columns, losing row (JSON)."""
         return self._log(names.CONFLICTS, CONFLICTS_SCHEMA, table, conflict_id)
 
-    def quarantine(self, table: str | None = None) -> pa.Table:
-        """Rows that could not be written: table, key, row (JSON), reason, peer."""
-        return self._log(names.QUARANTINE, QUARANTINE_SCHEMA, table)
+    def quarantine(
+        self, table: str | None = None, *, status: str | None = None, entry_id: int | None = None
+    ) -> pa.Table:
+        """Versions that could not be written (of ``table``, with ``status``, or the one
+        entry ``entry_id``): see :meth:`tidesync.store.Store.quarantine`."""
+        install.upgrade_quarantine(self._conn)
+        return self._log(names.QUARANTINE, QUARANTINE_SCHEMA, table, entry_id, status)
 
-    def _log(self, log: str, schema: pa.Schema, table: str | None, entry: int | None = None) -> pa.Table:
+    def retry_quarantined(
+        self, ids: Sequence[int] | None = None, *, table: str | None = None
+    ) -> list[RetryOutcome]:
+        """Apply held quarantine entries again, in one transaction (:func:`tidesync.quarantine.retry_in`)."""
+        with _apply.quarantine_transaction(self._conn, self._table_infos()) as txn:
+            return retry_in(txn, self.registry, ids, table)
+
+    def discard_quarantined(self, ids: Sequence[int], note: str) -> list[int]:
+        """Mark held quarantine entries discarded, with ``note`` saying who decided and why."""
+        with _apply.quarantine_transaction(self._conn, self._table_infos()) as txn:
+            return discard_in(txn, ids, note)
+
+    def _log(
+        self, log: str, schema: pa.Schema, table: str | None, entry: int | None = None, status: str | None = None
+    ) -> pa.Table:
         conds: list[str] = []
         params: list[object] = []
-        for cond, value in (("table_name = ?", table), ("id = ?", entry)):
+        for cond, value in (("table_name = ?", table), ("id = ?", entry), ("status = ?", status)):
             if value is not None:
                 conds.append(cond)
                 params.append(value)
@@ -219,7 +248,7 @@ class SQLiteStore:
                                params)  # fmt: skip
         arrays = []
         for f, col in zip(schema, raw.columns, strict=True):
-            if f.name == "recorded_at":
+            if f.name in ("recorded_at", "resolved_at"):
                 arrays.append(from_storage(col, LogicalType.TIMESTAMPTZ, f"{log}.{f.name}"))
             elif f.name == "lost_columns":
                 lists = [json.loads(v) for v in col.to_pylist()]
@@ -229,3 +258,8 @@ class SQLiteStore:
             else:
                 arrays.append(col.cast(f.type))
         return pa.Table.from_arrays(arrays, schema=schema)
+
+    def clock_ms(self) -> int:
+        """SQLite's ``julianday('now')`` in Unix ms: the clock the capture triggers stamp
+        with (``capture.NOW_HLC`` without its shift)."""
+        return int(self._conn.scalar("SELECT CAST(ROUND((julianday('now') - 2440587.5) * 86400000.0) AS INTEGER)"))

@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import logging
 import re
 import secrets
 import time
@@ -31,7 +32,7 @@ import pyarrow.compute as pc
 
 from tidesync.changes import ApplyOptions, ApplyResult, _storage, key_texts
 from tidesync.core import DEFAULT_MAX_DRIFT_MS, clamp_hlcs, now_ms
-from tidesync.errors import AuthError, SchemaMismatchError, SyncError
+from tidesync.errors import AuthError, ProtocolError, SchemaMismatchError, SyncError
 from tidesync.pg.conn import execute_script, transaction
 from tidesync.pg.install import SCHEMA, ql
 from tidesync.pg.store import PostgresStore
@@ -53,6 +54,8 @@ NODE_KINDS = ("facility", "mobile")
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 #: Pages of sessions idle this long are dropped when a new session opens.
 STALE_SESSION_HOURS = 24
+
+log = logging.getLogger("tidesync.central")
 
 CENTRAL_DDL = f"""
 CREATE TABLE IF NOT EXISTS {SCHEMA}.nodes (
@@ -82,7 +85,9 @@ CREATE TABLE IF NOT EXISTS {SCHEMA}.sessions (
     quarantined integer NOT NULL DEFAULT 0,
     clamped integer NOT NULL DEFAULT 0,
     phases jsonb NOT NULL DEFAULT '{{}}',
-    error text
+    error text,
+    clock_skew_ms bigint,
+    clock_warning text
 );
 CREATE INDEX IF NOT EXISTS sessions_node ON {SCHEMA}.sessions (node_id, opened_at);
 CREATE TABLE IF NOT EXISTS {SCHEMA}.push_pages (
@@ -113,6 +118,9 @@ CREATE TABLE IF NOT EXISTS {SCHEMA}.clamps (
     recorded_at timestamptz NOT NULL DEFAULT now()
 );
 """
+#: Session columns added after the first release: an existing central server gets them
+#: from :func:`upgrade` (run by ``central init`` and when the server starts).
+ADDED_SESSION_COLUMNS = {"clock_skew_ms": "bigint", "clock_warning": "text"}
 
 
 @dataclass(frozen=True)
@@ -153,6 +161,33 @@ def init(store: PostgresStore) -> None:
         execute_script(cur, CENTRAL_DDL)
         if (index := scope.marks_index_sql(store.registry)) is not None:
             cur.execute(index)
+    upgrade(store)
+
+
+def upgrade(store: PostgresStore) -> None:
+    """Add the session columns a central server made by an older version lacks.
+
+    Looks before it alters, so a server whose role does not own the tables starts
+    fine once the owner has upgraded (``tidesync central init`` again).
+    """
+    with store.connection.cursor() as cur:
+        cur.execute(
+            "SELECT column_name FROM information_schema.columns "
+            f"WHERE table_schema = {ql(SCHEMA)} AND table_name = 'sessions'"
+        )
+        have = {str(r[0]) for r in cur.fetchall()}
+        if not have:
+            return  # not a central server (yet): `central init` creates the table whole
+        for name, kind in ADDED_SESSION_COLUMNS.items():
+            if name in have:
+                continue
+            try:
+                cur.execute(f"ALTER TABLE {SCHEMA}.sessions ADD COLUMN IF NOT EXISTS {name} {kind}")
+            except Exception as exc:
+                raise SyncError(
+                    f"{SCHEMA}.sessions lacks the column {name!r} this version records, and adding it failed "
+                    f"({exc}); run `tidesync central init` once as the owner of the central tables"
+                ) from exc
 
 
 def add_node(store: PostgresStore, name: str, kind: str, facility_id: str) -> str:
@@ -206,7 +241,10 @@ def authenticate(store: PostgresStore, token: str | None) -> Node:
 
 
 def open_session(store: PostgresStore, node: Node, hello: dict[str, Any], settings: Settings) -> dict[str, Any]:
-    """Check versions and start a session; the node says where its last pull ended."""
+    """Check versions and start a session; the node says where its last pull ended and
+    what time its database clock reads (recorded as the node's clock skew)."""
+    central_ms = now_ms()
+    skew = clock_skew(hello, central_ms)
     theirs = hello.get("protocol")
     if theirs != PROTOCOL_VERSION:
         raise SchemaMismatchError(
@@ -220,6 +258,9 @@ def open_session(store: PostgresStore, node: Node, hello: dict[str, Any], settin
         )
     cursor = int(hello.get("pull_cursor") or 0)
     sid = str(uuid.uuid4())
+    warning = clock_warning(node.id, skew, settings.max_drift_ms)
+    if warning:
+        log.warning("session %s: %s", sid, warning)
     with transaction(store.connection) as cur:
         cur.execute(
             f"DELETE FROM {SCHEMA}.push_pages WHERE session_id IN (SELECT id FROM {SCHEMA}.sessions "
@@ -230,17 +271,63 @@ def open_session(store: PostgresStore, node: Node, hello: dict[str, Any], settin
             f"WHERE updated_at < now() - interval '{STALE_SESSION_HOURS} hours' AND status <> 'ended')"
         )
         cur.execute(
-            f"INSERT INTO {SCHEMA}.sessions (id, node_id, status, pull_cursor) "
-            f"VALUES ({ql(sid)}, {ql(node.id)}, 'open', {cursor})"
+            f"INSERT INTO {SCHEMA}.sessions (id, node_id, status, pull_cursor, clock_skew_ms, clock_warning) "
+            f"VALUES ({ql(sid)}, {ql(node.id)}, 'open', {cursor}, {'NULL' if skew is None else skew}, "
+            f"{'NULL' if warning is None else ql(warning)})"
         )
     return {
         "session": sid,
         "node": node.id,
-        "central_time_ms": now_ms(),
+        "central_time_ms": central_ms,
+        "clock_skew_ms": skew,
+        "clock_warning": warning,
         "max_drift_ms": settings.max_drift_ms,
         "max_page_bytes": settings.max_page_bytes,
         "page_rows": settings.page_rows,
     }
+
+
+def clock_skew(hello: dict[str, Any], central_ms: int) -> int | None:
+    """How far the node's database clock runs ahead of ours (negative: behind), in ms.
+
+    The node reads its clock just before sending the hello, so the figure is off by the
+    request's travel time (milliseconds; seconds if the open was retried), far below
+    any drift tolerance. A node too old to send its clock gets ``None`` (nothing
+    measured), not an error.
+    """
+    node_ms = hello.get("node_clock_ms")
+    if node_ms is None:
+        return None
+    if not isinstance(node_ms, int) or isinstance(node_ms, bool):
+        raise ProtocolError(f"node_clock_ms must be the node's clock in Unix milliseconds, not {node_ms!r}")
+    return node_ms - central_ms
+
+
+def clock_warning(node_id: str, skew_ms: int | None, tolerance_ms: int) -> str | None:
+    """What to tell an operator about a node's clock beyond the tolerance (else ``None``)."""
+    if skew_ms is None or abs(skew_ms) <= tolerance_ms:
+        return None
+    side = "ahead of" if skew_ms > 0 else "behind"
+    what = f"{node_id} runs {span(abs(skew_ms))} {side} central (tolerance {span(tolerance_ms)})"
+    if skew_ms > 0:
+        return f"{what}: its stamps are clamped; fix the node's clock (NTP)"
+    return f"{what}: its edits carry old stamps and lose to concurrent edits made elsewhere; fix the node's clock (NTP)"
+
+
+def span(ms: int) -> str:
+    """A duration for people, rounded to its two largest units: '3d 2h', '1h 5min', '40 min', '1.5 s'."""
+    if ms < 1000:
+        return f"{ms} ms"
+    if ms < 60_000:
+        return f"{ms / 1000:.1f} s"
+    minutes = round(ms / 60_000)
+    if minutes < 60:
+        return f"{minutes} min"
+    if minutes < 24 * 60:
+        hours, minutes = divmod(minutes, 60)
+        return f"{hours}h {minutes}min" if minutes else f"{hours}h"
+    days, hours = divmod(round(ms / 3_600_000), 24)
+    return f"{days}d {hours}h" if hours else f"{days}d"
 
 
 @dataclass
@@ -555,17 +642,21 @@ def sessions(store: PostgresStore, limit: int = 20) -> pa.Table:
     return _arrow(
         store,
         "SELECT id::text AS session, node_id AS node, status, opened_at, ended_at, rows_in, rows_out, "
-        "bytes_in, bytes_out, conflicts, quarantined, clamped, phases::text AS phases, error "
-        f"FROM {SCHEMA}.sessions ORDER BY opened_at DESC LIMIT {int(limit)}",
+        "bytes_in, bytes_out, conflicts, quarantined, clamped, phases::text AS phases, error, clock_skew_ms, "
+        f"clock_warning FROM {SCHEMA}.sessions ORDER BY opened_at DESC LIMIT {int(limit)}",
     )
 
 
 def nodes(store: PostgresStore) -> pa.Table:
+    """Every node, its last good sync, and its clock as its latest session measured it."""
     return _arrow(
         store,
         "SELECT n.id AS node, n.kind, n.facility_id, n.created_at, n.revoked_at IS NOT NULL AS revoked, "
         f"(SELECT max(s.ended_at) FROM {SCHEMA}.sessions s WHERE s.node_id = n.id AND s.status = 'ended') "
-        f"AS last_sync FROM {SCHEMA}.nodes n ORDER BY n.id",
+        "AS last_sync, c.clock_skew_ms, c.clock_warning, c.opened_at AS clock_measured_at "
+        f"FROM {SCHEMA}.nodes n LEFT JOIN LATERAL (SELECT s.clock_skew_ms, s.clock_warning, s.opened_at "
+        f"FROM {SCHEMA}.sessions s WHERE s.node_id = n.id AND s.clock_skew_ms IS NOT NULL "
+        "ORDER BY s.opened_at DESC LIMIT 1) c ON true ORDER BY n.id",
     )
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import json
+import logging
 import random
 import ssl
 import tempfile
@@ -60,6 +61,8 @@ SETTING_LAST_CYCLE = "last_cycle"
 #: Cursor names in the node's database.
 PUSH_CURSOR = "push"
 PULL_CURSOR = "pull"
+
+log = logging.getLogger("tidesync.sync")
 
 
 @dataclass(frozen=True)
@@ -187,6 +190,11 @@ class CycleReport:
     quarantined: int = 0
     clamped: int = 0
     forgotten: int = 0
+    #: How far this node's database clock runs ahead of central's (negative: behind),
+    #: as central measured it at open; ``None`` if central did not measure it.
+    clock_skew_ms: int | None = None
+    #: Central's warning when that skew is beyond its drift tolerance.
+    clock_warning: str | None = None
     bytes_up: int = 0
     bytes_down: int = 0
     phases: dict[str, float] = field(default_factory=dict)
@@ -262,9 +270,12 @@ def sync_once(store: Store, client: CentralClient, *, progress: Progress | None 
                 "registry": store.registry.name,
                 "fingerprint": fingerprint(store.registry),
                 "pull_cursor": store.get_cursor(PULL_CURSOR),
+                # The clock this node's stamps come from, read last: central compares it with its own.
+                "node_clock_ms": store.clock_ms(),
             }
             opened = client.call("POST", "/v1/sessions", json=hello).json()
             sid = report.session = str(opened["session"])
+            _note_clock(report, opened)
             page_rows = int(opened.get("page_rows") or PAGE_ROWS)
         base = f"/v1/sessions/{sid}"
         _push(store, client, base, report, phase, step, page_rows)
@@ -285,6 +296,15 @@ def sync_once(store: Store, client: CentralClient, *, progress: Progress | None 
                 if report.ok:
                     raise
     return report
+
+
+def _note_clock(report: CycleReport, opened: dict[str, Any]) -> None:
+    """Keep central's measure of this node's clock; say so loudly when it is off."""
+    skew = opened.get("clock_skew_ms")
+    report.clock_skew_ms = None if skew is None else int(skew)
+    report.clock_warning = opened.get("clock_warning") or None
+    if report.clock_warning:
+        log.warning("clock skew: %s", report.clock_warning)
 
 
 def _push(store: Store, client: CentralClient, base: str, report: CycleReport, phase: _Timer, step: Progress,

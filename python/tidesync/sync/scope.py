@@ -29,11 +29,12 @@ def _facility_literal(spec: TableSpec, column: str, node: Node) -> str:
     return f"{ql(node.facility_id)}::{spec.column(column).type.pg}"
 
 
-def _marks_here(registry: Registry, node: Node) -> str:
-    """SQL over the marks table (alias ``m``): a live mark for the node's facility."""
+def _marks_here(registry: Registry, node: Node, *, ever: bool = False) -> str:
+    """SQL over the marks table (alias ``m``): a live mark for the node's facility (or,
+    with ``ever``, any mark it had, ended or not)."""
     m = registry.marks
     assert m is not None
-    alive = f" AND m.{qi(m.deleted)} IS NULL" if m.deleted else ""
+    alive = f" AND m.{qi(m.deleted)} IS NULL" if m.deleted and not ever else ""
     return f"m.{qi(m.facility)} = {_facility_literal(registry[m.table], m.facility, node)}{alive}"
 
 
@@ -44,8 +45,9 @@ def marked_patients_sql(registry: Registry, node: Node, extra: str = "") -> str:
     return f"SELECT m.{qi(m.patient)} FROM {qi(m.table)} m WHERE {_marks_here(registry, node)}{extra}"
 
 
-def scope_condition(registry: Registry, spec: TableSpec, node: Node, alias: str = "t") -> str:
-    """SQL that is true for the rows of ``spec`` inside ``node``'s scope."""
+def scope_condition(registry: Registry, spec: TableSpec, node: Node, alias: str = "t", *, ever: bool = False) -> str:
+    """SQL that is true for the rows of ``spec`` inside ``node``'s scope (``ever``: also
+    the rows of patients whose mark for the node's facility has ended)."""
     sc = spec.scope
     if sc.kind is ScopeKind.GLOBAL:
         return "true"
@@ -53,18 +55,19 @@ def scope_condition(registry: Registry, spec: TableSpec, node: Node, alias: str 
     col = f"{alias}.{qi(sc.column)}"
     if sc.kind in (ScopeKind.FACILITY, ScopeKind.SENSITIVE_FACILITY):
         return f"{col} = {_facility_literal(spec, sc.column, node)}"
-    return f"{is_marked(registry, node, col)} AND {sensitive_condition(registry, spec, node, alias)}"
+    return f"{is_marked(registry, node, col, ever=ever)} AND {sensitive_condition(registry, spec, node, alias)}"
 
 
-def is_marked(registry: Registry, node: Node, patient: str) -> str:
-    """SQL: the patient (an expression) is marked for the node's facility.
+def is_marked(registry: Registry, node: Node, patient: str, *, ever: bool = False) -> str:
+    """SQL: the patient (an expression) is marked for the node's facility (``ever``:
+    was marked there at some time, the mark since ended or not).
 
     A correlated EXISTS, so that a window of a few changed rows probes the marks index
     a few times instead of reading every mark of the facility (cost follows changes).
     """
     m = registry.marks
     assert m is not None
-    here = _marks_here(registry, node)
+    here = _marks_here(registry, node, ever=ever)
     return f"EXISTS (SELECT 1 FROM {qi(m.table)} m WHERE m.{qi(m.patient)} = {patient} AND {here})"
 
 
@@ -154,7 +157,13 @@ def check_push_facility(spec: TableSpec, rows: pa.Table, node: Node) -> None:
 def check_push_patients(store: PostgresStore, batches: Mapping[str, pa.Table], node: Node) -> None:
     """Patient-scoped rows must be of patients marked for the pusher's facility (at
     central or by a mark in the same push), and not of another sensitive facility;
-    deletions of rows outside the scope are refused too."""
+    deletions of rows outside the scope are refused too.
+
+    A mark that has since ended still counts: a patient transferred elsewhere stays on
+    the old facility's devices until they next pull, and what clinicians record there
+    meanwhile is real care that must reach the record. Refusing it would also wedge
+    that node's sync for good, since the same rows would be refused on every retry.
+    """
     registry = store.registry
     marks = registry.marks
     scoped = [registry[n] for n in batches if registry[n].scope.kind is ScopeKind.PATIENT]
@@ -172,7 +181,7 @@ def check_push_patients(store: PostgresStore, batches: Mapping[str, pa.Table], n
                 ptype = registry[marks.table].column(marks.patient).type.pg
                 listed = ", ".join(ql(p) for p in wanted)
                 cur.execute(f"SELECT p::text FROM unnest(ARRAY[{listed}]::{ptype}[]) p "
-                            f"WHERE {is_marked(registry, node, 'p')}")  # fmt: skip
+                            f"WHERE {is_marked(registry, node, 'p', ever=True)}")  # fmt: skip
                 allowed = {str(v) for v in cur.fetch_arrow_table().column(0).to_pylist()}
             pushed_marks = batches.get(marks.table)
             if pushed_marks is not None and pushed_marks.num_rows:
@@ -181,7 +190,7 @@ def check_push_patients(store: PostgresStore, batches: Mapping[str, pa.Table], n
                 mine = [p for p, f, d in zip(
                     _uuid_texts(mspec, live.column(marks.patient)), _uuid_texts(mspec, live.column(marks.facility)),
                     live.column(marks.deleted).to_pylist() if marks.deleted else [None] * live.num_rows, strict=True)
-                    if f == node.facility_id and d is None]  # fmt: skip
+                    if f == node.facility_id]  # fmt: skip
                 allowed.update(mine)
         for spec in scoped:
             rows = batches[spec.name]
@@ -218,7 +227,7 @@ def _check_deletions(cur: Any, registry: Registry, spec: TableSpec, rows: pa.Tab
     listed = ", ".join(ql(x) for x in keys[:50_000])
     cur.execute(
         f"SELECT t.{k}::text FROM {qi(spec.name)} t WHERE t.{k} = ANY(ARRAY[{listed}]::{key_type}[]) "
-        f"AND NOT ({scope_condition(registry, spec, node)}) LIMIT 5"
+        f"AND NOT ({scope_condition(registry, spec, node, ever=True)}) LIMIT 5"
     )
     outside = [str(v) for v in cur.fetch_arrow_table().column(0).to_pylist()]
     if outside:

@@ -191,6 +191,11 @@ def create_app(dsn: str, registry: Registry, settings: central.Settings | None =
     ]
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        def upgrade() -> None:  # a central made by an older version gets its new session columns
+            with pool.store() as store:
+                central.upgrade(store)
+
+        await run_in_threadpool(upgrade)
         yield
         pool.close()
         readers.close()

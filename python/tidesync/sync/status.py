@@ -6,6 +6,7 @@ import json
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from tidesync.registry import Registry
@@ -46,7 +47,7 @@ def node_status(db: str, registry: Registry) -> dict[str, Any]:
             last = store.get_setting(SETTING_LAST_CYCLE)
             info["last_cycle"] = json.loads(last) if last else None
         info["conflicts"] = store.conflicts().num_rows
-        info["quarantined"] = store.quarantine().num_rows
+        info["quarantined"] = store.quarantine(status="held").num_rows
         return info
 
 
@@ -55,10 +56,14 @@ def render(info: dict[str, Any]) -> None:
     console.print(f"[bold]{info['role']}[/] node [bold]{info['node']}[/]: "
                   f"{info['conflicts']} conflicts logged, {info['quarantined']} rows quarantined")  # fmt: skip
     if info["role"] == "central":
-        nodes = Table("node", "kind", "facility", "last sync", title="nodes")
+        nodes = Table("node", "kind", "facility", "last sync", "clock", title="nodes")
         for n in info["nodes"]:
-            nodes.add_row(n["node"], n["kind"], n["facility_id"], str(n["last_sync"] or "never"))
+            nodes.add_row(n["node"], n["kind"], n["facility_id"], str(n["last_sync"] or "never"),
+                          clock_cell(n["clock_skew_ms"], n["clock_warning"]))  # fmt: skip
         console.print(nodes)
+        for n in info["nodes"]:
+            if n["clock_warning"]:
+                console.print(f"[bold red]clock off:[/] {escape(n['clock_warning'])}", highlight=False)
         sessions = Table("opened", "node", "status", "rows in", "rows out", "conflicts", "clamped", "error",
                          title="recent sessions")  # fmt: skip
         for s in info["sessions"]:
@@ -75,5 +80,20 @@ def render(info: dict[str, Any]) -> None:
         state = "ok" if last.get("ok") else f"failed ({last.get('error')})"
         console.print(f"last sync: {state}; pushed {last['pushed_rows']}, pulled {last['pulled_rows']} rows "
                       f"in {last['seconds']:.2f} s")  # fmt: skip
+        skew, warning = last.get("clock_skew_ms"), last.get("clock_warning")
+        console.print(f"clock against central: {clock_cell(skew, warning)}", highlight=False)
+        if warning:
+            console.print(f"[bold red]clock off:[/] {escape(warning)}", highlight=False)
     else:
         console.print("last sync: never")
+
+
+def clock_cell(skew_ms: int | None, warning: str | None) -> str:
+    """A node's clock in a few words: 'ok', '+3d 2h ahead', '-40 min behind'."""
+    from tidesync.sync.central import span
+
+    if skew_ms is None:
+        return "not measured"
+    if not warning:
+        return "ok"
+    return f"{'+' if skew_ms > 0 else '-'}{span(abs(skew_ms))} {'ahead' if skew_ms > 0 else 'behind'}"
