@@ -143,6 +143,37 @@ def test_a_transfer_does_not_wedge_a_device_that_recorded_care_before_it_knew(ne
     assert mobile.sync().ok
 
 
+def test_a_mark_past_the_watermark_waits_with_the_patients_history(network: Net) -> None:
+    """Regression (found by the convergence harness): a facility marked a patient while an
+    older transaction at central held the watermark back. The pull's scope counted the
+    mark (the snapshot saw it) but its history waited for the window carrying the mark,
+    so a newer note went out ahead of the older encounter it belongs to, and was
+    quarantined at the facility for want of its parent."""
+    from tidesync.pg.conn import connect
+
+    a, b = network.a, network.b
+    pid = network.new_patient(b)
+    b.sync()
+    eid = query(b, f"SELECT id FROM encounters WHERE patient_id = '{pid}'")[0][0]
+    a.sync()  # A knows the patient (global) but not its encounter
+    sql(b, f"INSERT INTO notes (id, encounter_id, patient_id, note_type, content, recorded_at) "
+           f"VALUES ('{uuid.uuid4()}', '{eid}', '{pid}', 'progress', 'stable', now())")  # fmt: skip
+    b.sync()
+    network.mark(a, pid)
+    with connect(network.net.central_dsn) as held:  # an older transaction, still running
+        with held.cursor() as cur:
+            cur.execute("BEGIN")
+            cur.execute("SELECT pg_current_xact_id()")
+            report = a.sync()  # pushes the mark (past central's watermark), pulls around it
+            cur.execute("COMMIT")
+    assert report.ok and report.pushed_rows == 1
+    assert a.store.quarantine().num_rows == 0
+    a.sync()
+    assert query(a, f"SELECT count(*) FROM notes WHERE patient_id = '{pid}'") == [(1,)]
+    assert query(a, f"SELECT count(*) FROM encounters WHERE id = '{eid}'") == [(1,)]
+    assert a.store.quarantine().num_rows == 0
+
+
 def test_no_echo_and_quiet_cycles(network: Net) -> None:
     a = network.a
     network.new_patient(a)

@@ -45,9 +45,13 @@ def marked_patients_sql(registry: Registry, node: Node, extra: str = "") -> str:
     return f"SELECT m.{qi(m.patient)} FROM {qi(m.table)} m WHERE {_marks_here(registry, node)}{extra}"
 
 
-def scope_condition(registry: Registry, spec: TableSpec, node: Node, alias: str = "t", *, ever: bool = False) -> str:
+def scope_condition(
+    registry: Registry, spec: TableSpec, node: Node, alias: str = "t", *, ever: bool = False,
+    before: int | None = None,
+) -> str:
     """SQL that is true for the rows of ``spec`` inside ``node``'s scope (``ever``: also
-    the rows of patients whose mark for the node's facility has ended)."""
+    the rows of patients whose mark for the node's facility has ended; ``before``: only
+    marks written before that cursor count)."""
     sc = spec.scope
     if sc.kind is ScopeKind.GLOBAL:
         return "true"
@@ -55,10 +59,11 @@ def scope_condition(registry: Registry, spec: TableSpec, node: Node, alias: str 
     col = f"{alias}.{qi(sc.column)}"
     if sc.kind in (ScopeKind.FACILITY, ScopeKind.SENSITIVE_FACILITY):
         return f"{col} = {_facility_literal(spec, sc.column, node)}"
-    return f"{is_marked(registry, node, col, ever=ever)} AND {sensitive_condition(registry, spec, node, alias)}"
+    marked = is_marked(registry, node, col, ever=ever, before=before)
+    return f"{marked} AND {sensitive_condition(registry, spec, node, alias)}"
 
 
-def is_marked(registry: Registry, node: Node, patient: str, *, ever: bool = False) -> str:
+def is_marked(registry: Registry, node: Node, patient: str, *, ever: bool = False, before: int | None = None) -> str:
     """SQL: the patient (an expression) is marked for the node's facility (``ever``:
     was marked there at some time, the mark since ended or not).
 
@@ -68,6 +73,8 @@ def is_marked(registry: Registry, node: Node, patient: str, *, ever: bool = Fals
     m = registry.marks
     assert m is not None
     here = _marks_here(registry, node, ever=ever)
+    if before is not None:
+        here += f" AND m._cursor < '{int(before)}'::xid8"
     return f"EXISTS (SELECT 1 FROM {qi(m.table)} m WHERE m.{qi(m.patient)} = {patient} AND {here})"
 
 
@@ -104,8 +111,11 @@ def pull_sql(registry: Registry, spec: TableSpec, node: Node, cursor: int, water
     window = f"t._cursor >= '{cursor}'::xid8 AND t._cursor < '{watermark}'::xid8"
     not_theirs = f"t._origin IS DISTINCT FROM {ql(node.id)}"
     live = wire_columns(spec, "t", tombstone=False)
-    parts = [f"SELECT {live} FROM {qi(spec.name)} t WHERE {window} AND {not_theirs} "
-             f"AND {scope_condition(registry, spec, node)}"]  # fmt: skip
+    # Scope as of the watermark: a mark committed past it (the snapshot sees it, the
+    # window does not) must wait for the window that carries it, with the patient's
+    # history. Counting it now sent a note ahead of the encounter it belongs to.
+    in_scope = scope_condition(registry, spec, node, before=watermark)
+    parts = [f"SELECT {live} FROM {qi(spec.name)} t WHERE {window} AND {not_theirs} AND {in_scope}"]
     if spec.scope.kind is ScopeKind.PATIENT and cursor > 0:
         m = registry.marks
         assert m is not None
