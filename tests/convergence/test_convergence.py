@@ -35,8 +35,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, rule, run_sta
 
 from tidesync.registry import BASE_HLC, DELETED, HLC, NODE
 from tests.conftest import PgServer
-from tests.convergence.oracle import Oracle
-from tests.convergence.world import DAY_MS, Crash, World, stamp_literal
+from tests.convergence.world import DAY_MS, App, Crash, World, stamp_literal
 
 NODES = ["fac-a", "fac-b", "mob-a", "mob-b"]
 WRITERS = ["central", *NODES]
@@ -372,8 +371,6 @@ class Convergence(RuleBasedStateMachine):
     def commit_after_sync(self, node: str, name: str | None) -> None:
         """A transaction that stamped before a sync read its window but commits after."""
         app = self.w.apps[node]
-        from tests.convergence.world import App
-
         late = App(node + "-late", app.kind, app.facility, app.db)
         late.open()
         if app.skew_ms:
@@ -427,7 +424,7 @@ def check_converged(w: World) -> None:
     expected = w.oracle.expected(clamps)
     problems: list[str] = []
     for table, rows in expected.items():
-        problems += _compare(w, "central", w.net.central, table, rows)
+        problems += _compare("central", w.net.central, table, rows)
     marks = expected.get("patient_facilities", {})
     for name, node in w.nodes.items():
         fac = bytes.fromhex(node.facility_id.replace("-", ""))
@@ -441,7 +438,7 @@ def check_converged(w: World) -> None:
                 scoped = {k: r for k, r in rows.items() if r[DELETED] or r["facility_id"] == fac}
             else:
                 scoped = {k: r for k, r in rows.items() if r[DELETED] or r[spec.scope.column or ""] in marked}
-            problems += _compare(w, name, node.store, table, scoped)
+            problems += _compare(name, node.store, table, scoped)
         other = w.apps[name].rows(f"SELECT count(*) FROM patient_facilities WHERE facility_id <> '{node.facility_id}'")
         if other[0][0]:
             problems.append(f"{name} holds {other[0][0]} marks of another facility")
@@ -450,13 +447,14 @@ def check_converged(w: World) -> None:
             problems.append(f"{name} quarantined {quarantined} rows: {node.store.quarantine().to_pylist()[:3]}")
     if w.net.central.quarantine().num_rows:
         problems.append(f"central quarantined rows: {w.net.central.quarantine().to_pylist()[:3]}")
-    final = {t: {k: r for k, r in _read(w.net.central, t, list(rows)).items()} for t, rows in expected.items()}
-    counts, lost = w.oracle.lost_writes(final, w.conflict_log(), clamps)
+    final = {t: _read(w.net.central, t, list(rows)) for t, rows in expected.items()}
+    logged = w.conflict_log()
+    counts, lost = w.oracle.lost_writes(final, logged, clamps)
     problems += lost
     for k, v in counts.items():
         _count(f"writes.{k}", v)
     _count("writes.total", len(w.oracle.writes))
-    _count("conflicts_logged", len(w.conflict_log()))
+    _count("conflicts_logged", len(logged))
     _count("faults.central_killed", w.central.kills)
     _count("clamped_versions", len(clamps))
     assert not problems, "\n".join(["diverged:", *problems[:30], "last syncs:", *w.log[-12:]])
@@ -472,7 +470,7 @@ def _read(store: Any, table: str, keys: list[bytes]) -> dict[bytes, dict[str, An
     return {r[spec.key]: r for r in got.to_pylist()}
 
 
-def _compare(w: World, where: str, store: Any, table: str, rows: dict[bytes, dict[str, Any]]) -> list[str]:
+def _compare(where: str, store: Any, table: str, rows: dict[bytes, dict[str, Any]]) -> list[str]:
     have = _read(store, table, list(rows))
     out = []
     for k, want in rows.items():
@@ -522,5 +520,3 @@ def test_converges_under_faults(pg_server: PgServer, tmp_path: Path) -> None:
 def test_converges_under_faults_soak(pg_server: PgServer, tmp_path: Path) -> None:
     _run(pg_server, tmp_path, int(os.environ.get("TIDESYNC_SOAK_EXAMPLES", "60")), 80)
 
-
-__all__ = ["Convergence", "Oracle"]

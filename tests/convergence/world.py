@@ -33,10 +33,10 @@ from tidesync.registry import Registry
 from tidesync.schemas.demo import REGISTRY
 from tidesync.sqlite import apply as sqlite_apply
 from tidesync.sqlite.conn import Connection
-from tidesync.sync import central
 from tidesync.sync.client import CentralClient, CycleReport, Retry, sync_once
 from tidesync.sync.local import LocalNetwork, LocalNode
 from tests.convergence.oracle import Oracle
+from tests.sync.clocks import SKEWED_PATH, shadow_clock_sql
 
 FACILITIES = {"A": "0a000000-0000-4000-8000-00000000000a", "B": "0b000000-0000-4000-8000-00000000000b"}
 #: Small pages, so every session has several and faults land mid-stream.
@@ -72,13 +72,7 @@ class CentralProcess:
             # close_fds=False lets subprocess use posix_spawn: this test process maps a
             # lot of virtual memory, and a plain fork of it can fail with ENOMEM.
             self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, close_fds=False)
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            with contextlib.suppress(httpx.TransportError):
-                if httpx.get(f"{self.url}/v1/health", timeout=1).status_code == 200:
-                    return
-            time.sleep(0.05)
-        raise AssertionError("`tidesync central serve` did not start within 30 s")
+        self.wait_up()
 
     def kill(self) -> None:
         """SIGKILL, as a power cut would; back after a short while, as a supervisor would."""
@@ -97,7 +91,7 @@ class CentralProcess:
                 if httpx.get(f"{self.url}/v1/health", timeout=1).status_code == 200:
                     return
             time.sleep(0.05)
-        raise AssertionError("the central server is not back")
+        raise AssertionError("the central server did not answer within 30 s")
 
     def stop(self) -> None:
         time.sleep(0.35)  # a restart timer may still be pending
@@ -207,21 +201,18 @@ class App:
             return sqlite_apply.read_local(self.conn, spec, pa.table({spec.key: karr}))
         return pg_apply.read_local(self._cur, spec, pa.chunked_array([karr]), lock=False)
 
-    def set_clock(self, registry_ms: int) -> None:
-        """Run this PostgreSQL node's clock ``registry_ms`` off true time, as its triggers
-        see it: ``clock_timestamp()`` shadowed for the application's session."""
+    def set_clock(self, offset_ms: int) -> None:
+        """Run this PostgreSQL node's clock ``offset_ms`` off true time, as its triggers
+        see it: ``clock_timestamp()`` shadowed for the application's session only."""
         assert self.kind != "mobile"
-        self.skew_ms = registry_ms
+        self.skew_ms = offset_ms
         with self.conn.cursor() as cur:
-            if registry_ms == 0:
-                cur.execute("SET search_path = public")
+            if offset_ms == 0:
+                cur.execute("SET search_path = DEFAULT")
                 return
-            cur.execute("CREATE SCHEMA IF NOT EXISTS skew")
-            cur.execute(
-                "CREATE OR REPLACE FUNCTION skew.clock_timestamp() RETURNS timestamptz LANGUAGE sql AS "
-                f"$$ SELECT pg_catalog.clock_timestamp() + interval '{registry_ms} milliseconds' $$"
-            )
-            cur.execute("SET search_path = public, skew, pg_catalog")
+            for stmt in shadow_clock_sql(offset_ms):
+                cur.execute(stmt)
+            cur.execute(f"SET search_path = {SKEWED_PATH}")
 
 
 @dataclass
@@ -359,4 +350,4 @@ class World:
         return out
 
 
-__all__ = ["App", "CentralProcess", "Crash", "DAY_MS", "FACILITIES", "Faults", "World", "central", "stamp_literal"]
+__all__ = ["App", "CentralProcess", "Crash", "DAY_MS", "FACILITIES", "Faults", "World", "stamp_literal"]

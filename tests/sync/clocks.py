@@ -17,13 +17,18 @@ SKEW_SCHEMA = "skew"
 SKEWED_PATH = f"public, {SKEW_SCHEMA}, pg_catalog"
 
 
+def shadow_clock_sql(ms: int) -> list[str]:
+    """The statements that create the shadowing ``clock_timestamp()``, ``ms`` off
+    (in force for a session once its search_path is :data:`SKEWED_PATH`)."""
+    return [f"CREATE SCHEMA IF NOT EXISTS {SKEW_SCHEMA}",
+            f"CREATE OR REPLACE FUNCTION {SKEW_SCHEMA}.clock_timestamp() RETURNS timestamptz LANGUAGE sql VOLATILE "
+            f"AS $$ SELECT pg_catalog.clock_timestamp() + interval '{int(ms)} milliseconds' $$"]  # fmt: skip
+
+
 def skew_clock(node: LocalNode, ms: int) -> None:
     """Make ``node``'s database clock run ``ms`` milliseconds ahead (negative: behind)."""
     db = _database(node)
-    sql(node, f"CREATE SCHEMA IF NOT EXISTS {SKEW_SCHEMA}",
-        f"CREATE OR REPLACE FUNCTION {SKEW_SCHEMA}.clock_timestamp() RETURNS timestamptz LANGUAGE sql VOLATILE "
-        f"AS $$ SELECT pg_catalog.clock_timestamp() + interval '{int(ms)} milliseconds' $$",
-        f'ALTER DATABASE "{db}" SET search_path = {SKEWED_PATH}')  # fmt: skip
+    sql(node, *shadow_clock_sql(ms), f'ALTER DATABASE "{db}" SET search_path = {SKEWED_PATH}')
     _set_path(node, SKEWED_PATH)
 
 

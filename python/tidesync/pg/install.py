@@ -16,6 +16,7 @@ drops exactly what install added and leaves application data alone.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 from tidesync.errors import NotInstalledError, SchemaMismatchError
@@ -114,19 +115,26 @@ QUARANTINE_UPGRADE = f"ALTER TABLE {SCHEMA}.quarantine " + ", ".join(
 )
 
 
+def missing_columns(cur: Any, table: str, columns: Iterable[str]) -> list[str] | None:
+    """Which of ``columns`` the table ``table`` (schema-qualified) lacks, or None if there
+    is no such table. Upgrades look with this before they alter: an ALTER locks the
+    table even when it changes nothing."""
+    cur.execute(f"SELECT to_regclass({ql(table)}) IS NOT NULL")
+    if not cur.fetchone()[0]:
+        return None
+    cur.execute(f"SELECT attname FROM pg_attribute WHERE attrelid = to_regclass({ql(table)}) "
+                "AND attnum > 0 AND NOT attisdropped")  # fmt: skip
+    have = {str(r[0]) for r in cur.fetchall()}
+    return [c for c in columns if c not in have]
+
+
 def upgrade_quarantine(cur: Any) -> None:
-    """Give a quarantine made by an older install its newer columns. Looks before it
-    alters (an ALTER locks the table even when it changes nothing), so it is cheap on
-    the paths that call it: writing entries, and the quarantine commands."""
-    cur.execute(
-        "SELECT count(*) FROM pg_attribute WHERE attrelid = to_regclass("
-        f"{ql(SCHEMA + '.quarantine')}) AND attnum > 0 AND NOT attisdropped "
-        f"AND attname IN ({', '.join(ql(c) for c in QUARANTINE_COLUMNS)})"
-    )
-    if int(cur.fetchone()[0]) < len(QUARANTINE_COLUMNS):
-        cur.execute(f"SELECT to_regclass({ql(SCHEMA + '.quarantine')}) IS NOT NULL")
-        if not cur.fetchone()[0]:
-            raise NotInstalledError("tidesync is not installed in this database: run `tidesync schema install`")
+    """Give a quarantine made by an older install its newer columns. Cheap on the paths
+    that call it (writing entries, the quarantine commands) when there is nothing to do."""
+    missing = missing_columns(cur, f"{SCHEMA}.quarantine", QUARANTINE_COLUMNS)
+    if missing is None:
+        raise NotInstalledError("tidesync is not installed in this database: run `tidesync schema install`")
+    if missing:
         cur.execute(QUARANTINE_UPGRADE)
 
 

@@ -34,7 +34,7 @@ from tidesync.changes import ApplyOptions, ApplyResult, _storage, key_texts
 from tidesync.core import DEFAULT_MAX_DRIFT_MS, clamp_hlcs, now_ms
 from tidesync.errors import AuthError, ProtocolError, SchemaMismatchError, SyncError
 from tidesync.pg.conn import execute_script, transaction
-from tidesync.pg.install import SCHEMA, ql
+from tidesync.pg.install import SCHEMA, missing_columns, ql
 from tidesync.pg.store import PostgresStore
 from tidesync.registry import HLC, Registry, TableSpec, stamp_column
 from tidesync.sync import scope
@@ -171,18 +171,11 @@ def upgrade(store: PostgresStore) -> None:
     fine once the owner has upgraded (``tidesync central init`` again).
     """
     with store.connection.cursor() as cur:
-        cur.execute(
-            "SELECT column_name FROM information_schema.columns "
-            f"WHERE table_schema = {ql(SCHEMA)} AND table_name = 'sessions'"
-        )
-        have = {str(r[0]) for r in cur.fetchall()}
-        if not have:
-            return  # not a central server (yet): `central init` creates the table whole
-        for name, kind in ADDED_SESSION_COLUMNS.items():
-            if name in have:
-                continue
+        # None: not a central server (yet): `central init` creates the table whole.
+        for name in missing_columns(cur, f"{SCHEMA}.sessions", ADDED_SESSION_COLUMNS) or []:
             try:
-                cur.execute(f"ALTER TABLE {SCHEMA}.sessions ADD COLUMN IF NOT EXISTS {name} {kind}")
+                cur.execute(f"ALTER TABLE {SCHEMA}.sessions ADD COLUMN IF NOT EXISTS {name} "
+                            f"{ADDED_SESSION_COLUMNS[name]}")  # fmt: skip
             except Exception as exc:
                 raise SyncError(
                     f"{SCHEMA}.sessions lacks the column {name!r} this version records, and adding it failed "
