@@ -33,6 +33,7 @@ from tidesync.errors import (
     NotInstalledError,
     ProtocolError,
     SchemaMismatchError,
+    SeedError,
     SyncError,
     UnsupportedTypeError,
 )
@@ -50,6 +51,7 @@ __all__ = [
     "NotInstalledError",
     "ProtocolError",
     "SchemaMismatchError",
+    "SeedError",
     "SyncError",
     "UnsupportedTypeError",
     "__version__",

@@ -1,5 +1,5 @@
-"""The ``tidesync`` command line: ``schema install|uninstall|status``, ``central``, ``node``, ``sync``,
-``status``, ``conflicts``, ``quarantine``, ``bench``, ``demo``, ``version``.
+"""The ``tidesync`` command line: ``schema install|uninstall|status``, ``central``, ``node``, ``seed``,
+``sync``, ``status``, ``conflicts``, ``quarantine``, ``bench``, ``demo``, ``version``.
 
 Kept small: the work lives in ``tidesync.pg``, ``tidesync.sqlite``, ``tidesync.bench`` and
 ``tidesync.demo``. Errors print one
@@ -9,11 +9,15 @@ line on stderr and exit with status 1 (2 for usage errors, as click does).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import sys
+import time
+from pathlib import Path
 from typing import Any
 
 import click
+from rich.console import Console
 
 from tidesync.errors import SyncError
 
@@ -67,7 +71,6 @@ def version() -> None:
 @click.option("--db", default=None, help="PostgreSQL DSN for the store benchmarks (default: a throwaway cluster).")
 def bench(rows: int, repeats: int, as_json: bool, only: tuple[str, ...], db: str | None) -> None:
     """Time the core and the PostgreSQL store against DuckDB, polars, COPY, MERGE and the Python reference."""
-    from rich.console import Console
 
     from tidesync.bench import core_bench, store_bench, sync_bench
 
@@ -237,10 +240,12 @@ def central_add_node(db: str, name: str, kind: str, facility_id: str, schema_nam
 @click.option("--max-drift-ms", type=click.IntRange(min=0), default=None, help="Clamp stamps this far ahead.")
 @click.option("--max-page-bytes", type=click.IntRange(min=1024), default=None, help="Largest page accepted.")
 @click.option("--page-rows", type=click.IntRange(min=1), default=None, help="Rows per page (both directions).")
+@click.option("--seed-dir", type=click.Path(file_okay=False), default=None,
+              help="Where seed files for nodes are made (default: tidesync-seeds in the temp directory).")
 @_schema_option
 def central_serve(db: str, host: str, port: int, cert: str | None, key: str | None, workers: int,
                   max_drift_ms: int | None, max_page_bytes: int | None, page_rows: int | None,
-                  schema_name: str) -> None:  # fmt: skip
+                  seed_dir: str | None, schema_name: str) -> None:  # fmt: skip
     """Serve the sync protocol over HTTP(S) until interrupted."""
     from tidesync.pg import PostgresStore
     from tidesync.sync import central
@@ -258,6 +263,7 @@ def central_serve(db: str, host: str, port: int, cert: str | None, key: str | No
         max_drift_ms=defaults.max_drift_ms if max_drift_ms is None else max_drift_ms,
         max_page_bytes=defaults.max_page_bytes if max_page_bytes is None else max_page_bytes,
         page_rows=defaults.page_rows if page_rows is None else page_rows,
+        seed_dir=seed_dir,
     )
     serve(db, registry, host=host, port=port, certfile=cert, keyfile=key, workers=workers, settings=settings)
 
@@ -276,8 +282,13 @@ def node_group() -> None:
 @click.option("--token", required=True, help="The node's token from `tidesync central add-node`.")
 @click.option("--ca", type=click.Path(exists=True, dir_okay=False), help="CA bundle to verify the server with.")
 @click.option("--allow-http", is_flag=True, help="Allow plain HTTP to a non-loopback address.")
+@click.option("--seed", "with_seed", is_flag=True,
+              help="Then load the node's whole scope from central in bulk (faster than a first sync).")
+@click.option("--spool", type=click.Path(file_okay=False), default=None,
+              help="Where a --seed download waits (default: a tidesync folder in the temp directory).")
 @_schema_option
-def node_init(db: str, url: str, token: str, ca: str | None, allow_http: bool, schema_name: str) -> None:
+def node_init(db: str, url: str, token: str, ca: str | None, allow_http: bool, with_seed: bool, spool: str | None,
+              schema_name: str) -> None:  # fmt: skip
     """Install tidesync in the node's database and remember its central server."""
     from tidesync.sync.client import init_node
 
@@ -286,7 +297,140 @@ def node_init(db: str, url: str, token: str, ca: str | None, allow_http: bool, s
         if registry.name == "demo":
             store.create_app_tables()  # the demo's DDL is idempotent (IF NOT EXISTS)
         node_id = init_node(store, url, token, ca=ca, allow_http=allow_http)
+        if with_seed:
+            _seed_over_network(store, spool)
     click.echo(f"node {node_id!r} ready; run `tidesync sync --db {db}`")
+
+
+@node_group.command("restore")
+@_db_option
+@click.option("--central", "url", required=True, help="The central server's URL (https://...).")
+@click.option("--token", required=True, help="The lost node's token (or a new one from `central add-node`).")
+@click.option("--ca", type=click.Path(exists=True, dir_okay=False), help="CA bundle to verify the server with.")
+@click.option("--allow-http", is_flag=True, help="Allow plain HTTP to a non-loopback address.")
+@click.option("--spool", type=click.Path(file_okay=False), default=None, help="Where the seed download waits.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@_schema_option
+def node_restore(db: str, url: str, token: str, ca: str | None, allow_http: bool, spool: str | None, as_json: bool,
+                 schema_name: str) -> None:  # fmt: skip
+    """Rebuild a lost facility server (or device) from central's copy and resume syncing.
+
+    Everything the node had synced comes back; edits it made after its last good sync
+    are gone with it (docs/operations.md, "Failover").
+    """
+    from tidesync.sync.client import init_node, sync_once, client_for
+
+    registry = _registry(schema_name)
+    with open_store(db, registry, create=True) as store:
+        if registry.name == "demo":
+            store.create_app_tables()
+        init_node(store, url, token, ca=ca, allow_http=allow_http)
+        report = _seed_over_network(store, spool, quiet=as_json)
+        with client_for(store) as client:
+            cycle = sync_once(store, client)
+    if as_json:
+        click.echo(json.dumps({"seed": dataclasses.asdict(report), "first_sync": cycle.as_dict()}))
+    else:
+        click.echo(f"node {report.node!r} restored: {sum(report.rows.values()):,} rows from central in "
+                   f"{report.seconds:.1f} s, then a sync pulled {cycle.pulled_rows:,} newer rows; syncing as usual "
+                   "from here (edits made there after its last good sync are not recoverable)")  # fmt: skip
+
+
+def _seed_over_network(store: Any, spool: str | None, *, quiet: bool = False) -> Any:
+    import tempfile
+
+    from tidesync import seed
+    from tidesync.sync.client import client_for
+
+    folder = spool or str(Path(tempfile.gettempdir()) / "tidesync-seed")
+    with client_for(store) as client, _rows_progress(Console(stderr=True), quiet) as step:
+        report = seed.seed_from_central(store, client, folder, progress=step)
+    if not quiet:
+        click.echo(f"seeded {sum(report.rows.values()):,} rows in {report.seconds:.1f} s "
+                   f"(watermark {report.watermark})", err=True)  # fmt: skip
+    return report
+
+
+# ----------------------------------------------------------------------------- seeds
+
+
+@main.group("seed")
+def seed_group() -> None:
+    """Seed files: a node's whole scope as one signed file, for places without bandwidth."""
+
+
+@seed_group.command("export")
+@click.option("--db", required=True, envvar="TIDESYNC_DB", help="PostgreSQL DSN of the central database.")
+@click.option("--node", "node_name", required=True, help="The node the seed is for (its scope is exported).")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="The seed file to write.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing file.")
+@click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
+@_schema_option
+def seed_export(db: str, node_name: str, out: str, overwrite: bool, as_json: bool, schema_name: str) -> None:
+    """Write a node's scope at central as one signed, checksummed file."""
+    from tidesync import seed
+    from tidesync.pg import PostgresStore
+
+    start = time.perf_counter()
+    with PostgresStore(db, _registry(schema_name)) as store, _rows_progress(Console(stderr=True), as_json) as step:
+        manifest = seed.export_seed(store, node_name, out, overwrite=overwrite, progress=step)
+        key = seed.public_key_text(seed.signing_key(store))
+    if as_json:
+        click.echo(json.dumps({**dataclasses.asdict(manifest), "id": manifest.id, "key": key}))
+        return
+    size = Path(out).stat().st_size
+    click.echo(f"{out}: {manifest.rows:,} rows for node {node_name!r} ({size / 2**20:,.1f} MiB, "
+               f"{time.perf_counter() - start:.1f} s), watermark {manifest.watermark}")  # fmt: skip
+    click.echo(f"load it with: tidesync seed import {out} --db NODE_DB --key {key}")
+
+
+@seed_group.command("import")
+@click.argument("file", type=click.Path(dir_okay=False))
+@_db_option
+@click.option("--key", "public_key", default=None,
+              help="Central's seed key (`tidesync seed key`); default: the one the node already knows.")
+@click.option("--central", "url", default=None, help="Also set the node up to sync with this central server.")
+@click.option("--token", default=None, help="The node's token (with --central).")
+@click.option("--ca", type=click.Path(exists=True, dir_okay=False), help="CA bundle to verify the server with.")
+@click.option("--allow-http", is_flag=True, help="Allow plain HTTP to a non-loopback address.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@_schema_option
+def seed_import(file: str, db: str, public_key: str | None, url: str | None, token: str | None, ca: str | None,
+                allow_http: bool, as_json: bool, schema_name: str) -> None:  # fmt: skip
+    """Load a seed file into a new node (rerun to resume an interrupted load)."""
+    from tidesync import seed
+    from tidesync.sync.client import init_node
+
+    if (url is None) != (token is None):
+        raise click.UsageError("--central and --token go together")
+    registry = _registry(schema_name)
+    with open_store(db, registry, create=True) as store:
+        if registry.name == "demo":
+            store.create_app_tables()
+        with _rows_progress(Console(stderr=True), as_json) as step:
+            report = seed.import_seed(store, file, public_key=public_key, progress=step)
+        if url is not None and token is not None:
+            if token.rsplit(".", 1)[0] != report.node:
+                raise SyncError(f"the token is for node {token.rsplit('.', 1)[0]!r}, the seed for {report.node!r}")
+            init_node(store, url, token, ca=ca, allow_http=allow_http)
+    if as_json:
+        click.echo(json.dumps(dataclasses.asdict(report)))
+        return
+    resumed = f" ({len(report.resumed)} tables were already loaded)" if report.resumed else ""
+    click.echo(f"node {report.node!r}: {sum(report.rows.values()):,} rows loaded in {report.seconds:.1f} s{resumed}; "
+               f"its next sync catches up from the seed's watermark {report.watermark}")  # fmt: skip
+
+
+@seed_group.command("key")
+@click.option("--db", required=True, envvar="TIDESYNC_DB", help="PostgreSQL DSN of the central database.")
+@_schema_option
+def seed_key(db: str, schema_name: str) -> None:
+    """Print central's public seed key (what `seed import --key` checks files against)."""
+    from tidesync import seed
+    from tidesync.pg import PostgresStore
+
+    with PostgresStore(db, _registry(schema_name)) as store:
+        click.echo(seed.public_key_text(seed.signing_key(store)))
 
 
 @main.command("sync")
@@ -347,6 +491,31 @@ def _progress(console: Any, quiet: bool) -> Any:
             if what not in tasks:
                 tasks[what] = bar.add_task(f"{what} pages", total=total)
             bar.update(tasks[what], completed=done, total=total)
+
+        yield step
+
+
+@contextlib.contextmanager
+def _rows_progress(console: Any, quiet: bool) -> Any:
+    """Rich progress bars for bulk work counted in rows or bytes: done/total, rate, ETA
+    (a total of 0 means not known yet: the bar then just counts)."""
+    if quiet:
+        yield lambda what, done, total: None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    rate = TextColumn("{task.fields[rate]}")
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), rate, TimeRemainingColumn(),
+                  console=console, transient=True) as bar:  # fmt: skip
+        tasks: dict[str, Any] = {}
+
+        def step(what: str, done: int, total: int) -> None:
+            if what not in tasks:
+                tasks[what] = bar.add_task(what, total=total or None, rate="")
+            task = tasks[what]
+            speed = bar.tasks[task].speed  # rich's own moving average
+            unit = "B" if what in ("download", "check") else "rows"
+            bar.update(task, completed=done, total=total or None, rate=f"{speed:,.0f} {unit}/s" if speed else "")
 
         yield step
 

@@ -27,6 +27,10 @@ class ProtocolError(SyncError):
     """A peer sent something the sync protocol does not allow (bad page, bad version)."""
 
 
+class SeedError(SyncError):
+    """A seed file is damaged, tampered with or truncated, or does not fit this node."""
+
+
 __all__ = [
     "AuthError",
     "ClockSkewError",
@@ -35,6 +39,7 @@ __all__ = [
     "NotInstalledError",
     "ProtocolError",
     "SchemaMismatchError",
+    "SeedError",
     "SyncError",
     "UnsupportedTypeError",
 ]

@@ -135,6 +135,9 @@ class Settings:
     max_drift_ms: int = DEFAULT_MAX_DRIFT_MS
     max_page_bytes: int = MAX_PAGE_BYTES
     page_rows: int = PAGE_ROWS
+    #: Where seed files for nodes that ask over the network are made (``--seed-dir``);
+    #: None: a ``tidesync-seeds`` folder in the temp directory.
+    seed_dir: str | None = None
 
 
 def _hash(secret: str) -> str:
@@ -228,6 +231,18 @@ def authenticate(store: PostgresStore, token: str | None) -> Node:
     if row[3] is not None:
         raise AuthError(f"node {node_id!r} has been revoked")
     return Node(node_id, str(row[1]), str(row[2]))
+
+
+def find_node(store: PostgresStore, node_id: str) -> Node:
+    """A registered node by id (for work done on its behalf at central: a seed file)."""
+    with store.connection.cursor() as cur:
+        _require_central(cur)
+        row = _one(cur, f"SELECT kind, facility_id, revoked_at FROM {SCHEMA}.nodes WHERE id = {ql(node_id)}")
+    if row is None:
+        raise SyncError(f"no node named {node_id!r} is registered here: see `tidesync status` for the nodes")
+    if row[2] is not None:
+        raise SyncError(f"node {node_id!r} has been revoked")
+    return Node(node_id, str(row[0]), str(row[1]))
 
 
 # ----------------------------------------------------------------------------- sessions

@@ -58,6 +58,8 @@ SETTING_TOKEN = "central_token"
 SETTING_CA = "central_ca"
 SETTING_ALLOW_HTTP = "central_allow_http"
 SETTING_LAST_CYCLE = "last_cycle"
+#: Set while a seed is being loaded (see :mod:`tidesync.seed`).
+SETTING_SEED_IN_PROGRESS = "seed_in_progress"
 #: Cursor names in the node's database.
 PUSH_CURSOR = "push"
 PULL_CURSOR = "pull"
@@ -260,6 +262,11 @@ def sync_once(store: Store, client: CentralClient, *, progress: Progress | None 
     """One full cycle: open, push, pull, apply atomically, end. Raises on failure
     (after recording it at the central server when it can be reached)."""
     report = CycleReport(node=store.node_id())
+    if store.get_setting(SETTING_SEED_IN_PROGRESS):
+        # Half a seed is a consistent prefix of tables, but the pull cursor has not
+        # moved: a sync now would pull the whole scope again, the slow way.
+        raise SyncError("a seed is half-loaded in this database: finish it first (run the same "
+                        "`tidesync seed import` or `tidesync node init --seed` again; it resumes)")  # fmt: skip
     phase = _Timer(report)
     step = progress or (lambda what, done, total: None)
     up0, down0 = client.bytes_up, client.bytes_down

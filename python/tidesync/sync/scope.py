@@ -133,6 +133,19 @@ def pull_sql(registry: Registry, spec: TableSpec, node: Node, cursor: int, water
     return "\nUNION ALL\n".join(parts)
 
 
+def snapshot_sql(registry: Registry, spec: TableSpec, node: Node, watermark: int) -> str:
+    """One table's live rows in ``node``'s scope as of ``watermark``: what a node that
+    pulled everything before the watermark holds (its own rows included: there is no
+    echo to avoid in a copy made from nothing). Seeds and verify read this.
+
+    Tombstones are left out: a node that never had a key needs no word of its deletion,
+    and the next pull from the watermark carries any deletion that happens later.
+    """
+    window = f"t._cursor < '{watermark}'::xid8"
+    in_scope = scope_condition(registry, spec, node, before=watermark)
+    return f"SELECT {wire_columns(spec, 't', tombstone=False)} FROM {qi(spec.name)} t WHERE {window} AND {in_scope}"
+
+
 # ----------------------------------------------------------------------------- push checks
 
 

@@ -14,6 +14,9 @@ Routes (all under ``/v1``, all but ``/v1/health`` need ``Authorization: Bearer <
 ``POST /v1/sessions/{id}/pull``             prepare the pull: page count and watermark
 ``GET  /v1/sessions/{id}/pull/{n}``         pull page ``n`` (Arrow IPC body)
 ``POST /v1/sessions/{id}/end``              close, with the node's report
+``GET  /v1/seed/key``                       central's public seed key
+``POST /v1/seed``                           make (or reuse) this node's seed file
+``GET  /v1/seed/{id}?offset=&length=``      a byte range of it (resumable download)
 ==========================================  ===========================================
 """
 
@@ -21,10 +24,12 @@ from __future__ import annotations
 
 import json
 import logging
+import tempfile
 import queue
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
+from pathlib import Path
 from typing import Any
 
 from starlette.applications import Starlette
@@ -35,6 +40,7 @@ from starlette.routing import Route
 
 from tidesync.errors import ProtocolError, SyncError
 from tidesync.pg.store import PostgresStore
+from tidesync.seed import SeedSpool, public_key_text, signing_key
 from tidesync.registry import Registry
 from tidesync.sync import central
 from tidesync.sync.protocol import CONTENT_TYPE, ERRORS, PayloadTooLargeError, error_type
@@ -180,8 +186,29 @@ def create_app(dsn: str, registry: Registry, settings: central.Settings | None =
         sid = request.path_params["sid"]
         return JSONResponse(await call(request, lambda s, node: central.end_session(s, node, sid, report)))
 
+    spool = SeedSpool(settings.seed_dir or Path(tempfile.gettempdir()) / "tidesync-seeds", dsn, registry)
+
+    async def seed_key(request: Request) -> Response:
+        return JSONResponse(await call(request, lambda s, node: {"key": public_key_text(signing_key(s))}))
+
+    async def seed_request(request: Request) -> Response:
+        return JSONResponse(await call(request, lambda s, node: spool.request(node.id)))
+
+    async def seed_chunk(request: Request) -> Response:
+        try:
+            offset, length = int(request.query_params["offset"]), int(request.query_params["length"])
+        except (KeyError, ValueError):
+            raise ProtocolError("a seed download needs ?offset=<byte>&length=<bytes>") from None
+        length = min(length, settings.max_page_bytes)
+        sid = request.path_params["seed"]
+        data = await call(request, lambda s, node: spool.read(node.id, sid, offset, length))
+        return Response(data, media_type="application/octet-stream")
+
     routes = [
         Route("/v1/health", endpoint(health), methods=["GET"]),
+        Route("/v1/seed/key", endpoint(seed_key), methods=["GET"]),
+        Route("/v1/seed", endpoint(seed_request), methods=["POST"]),
+        Route("/v1/seed/{seed}", endpoint(seed_chunk), methods=["GET"]),
         Route("/v1/sessions", endpoint(open_session), methods=["POST"]),
         Route("/v1/sessions/{sid}/push/complete", endpoint(complete_push), methods=["POST"]),
         Route("/v1/sessions/{sid}/push/{page:int}", endpoint(push_page), methods=["PUT"]),
