@@ -456,6 +456,7 @@ def check_converged(w: World) -> None:
     _count("writes.total", len(w.oracle.writes))
     _count("conflicts_logged", len(logged))
     _count("faults.central_killed", w.central.kills)
+    _count("faults.cycle_abandoned", w.abandoned)
     _count("clamped_versions", len(clamps))
     assert not problems, "\n".join(["diverged:", *problems[:30], "last syncs:", *w.log[-12:]])
 
