@@ -1,9 +1,10 @@
 """The ``tidesync`` command line: ``schema install|uninstall|status``, ``central``, ``node``, ``seed``,
-``sync``, ``status``, ``conflicts``, ``quarantine``, ``bench``, ``demo``, ``version``.
+``sync``, ``status``, ``verify``, ``conflicts``, ``quarantine``, ``import``, ``export``, ``bench``, ``demo``,
+``version``.
 
-Kept small: the work lives in ``tidesync.pg``, ``tidesync.sqlite``, ``tidesync.bench`` and
-``tidesync.demo``. Errors print one
-line on stderr and exit with status 1 (2 for usage errors, as click does).
+Kept small: the work lives in ``tidesync.pg``, ``tidesync.sqlite``, ``tidesync.sync``, ``tidesync.seed``,
+``tidesync.datasets``, ``tidesync.bench`` and ``tidesync.demo``. Errors print one line on stderr and exit
+with status 1 (2 for usage errors, as click does).
 """
 
 from __future__ import annotations
@@ -64,7 +65,8 @@ def version() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON on stdout.")
 @click.option(
     "--only",
-    type=click.Choice(["diff", "merge", "digest", "hlc", "window", "apply", "triggers", "sync", "incremental", "load"]),
+    type=click.Choice(["diff", "merge", "digest", "hlc", "window", "apply", "triggers", "sync", "incremental", "load",
+                       "seed"]),
     multiple=True,
     help="Run only this benchmark (repeatable).",
 )
@@ -72,12 +74,13 @@ def version() -> None:
 def bench(rows: int, repeats: int, as_json: bool, only: tuple[str, ...], db: str | None) -> None:
     """Time the core and the PostgreSQL store against DuckDB, polars, COPY, MERGE and the Python reference."""
 
-    from tidesync.bench import core_bench, store_bench, sync_bench
+    from tidesync.bench import core_bench, seed_bench, store_bench, sync_bench
 
     console = Console(stderr=as_json)
     core = [s for s in only if s in core_bench.SECTIONS] if only else list(core_bench.SECTIONS)
     store = [s for s in only if s in store_bench.SECTIONS] if only else list(store_bench.SECTIONS)
     network = [s for s in only if s in sync_bench.SECTIONS] if only else list(sync_bench.SECTIONS)
+    seeding = "seed" in only or not only
     results = []
     if core:
         results += core_bench.run_core_bench(rows, repeats, console, only=core, show_table=not as_json)
@@ -85,6 +88,8 @@ def bench(rows: int, repeats: int, as_json: bool, only: tuple[str, ...], db: str
         results += store_bench.run_store_bench(rows, repeats, console, only=store, dsn=db, show_table=not as_json)
     if network:
         results += sync_bench.run_sync_bench(rows, repeats, console, only=network, dsn=db, show_table=not as_json)
+    if seeding:
+        results += seed_bench.run_seed_bench(rows, repeats, console, dsn=db, show_table=not as_json)
     if as_json:
         out = {"rows": rows, "repeats": repeats, "machine": core_bench.machine_info(), "results": results}
         click.echo(json.dumps(out, indent=2))
@@ -744,6 +749,163 @@ def quarantine_discard(db: str, entry_ids: tuple[int, ...], note: str, schema_na
     with open_store(db, _registry(schema_name)) as store:
         done = store.discard_quarantined(list(entry_ids), note)
     click.echo(f"discarded {len(done)} entr{'y' if len(done) == 1 else 'ies'} ({', '.join(map(str, done))}): {note}")
+
+
+
+
+# ----------------------------------------------------------------------------- national import and export
+
+
+@main.command("import")
+@click.option("--db", required=True, envvar="TIDESYNC_DB",
+              help="PostgreSQL DSN of the database to load (usually the central server's).")  # fmt: skip
+@click.option("--table", required=True, help="The synced table to load the file into.")
+@click.argument("file", type=click.Path(dir_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@_schema_option
+def import_cmd(db: str, table: str, file: str, as_json: bool, schema_name: str) -> None:
+    """Load a national dataset (.parquet or .csv) into one table, stamped so the next pull carries it.
+
+    The file is checked against the table first; a bad file is refused with the row and
+    column at fault, and nothing is loaded (one transaction). Importing the same file
+    again changes nothing.
+    """
+    from rich.console import Console as _Console
+
+    from tidesync.datasets import import_table
+
+    # A SQLite path is refused by import_table with a clear message (import writes to PostgreSQL).
+    with open_store(db, _registry(schema_name)) as store, _rows_progress(_Console(stderr=True), as_json) as step:
+        report = import_table(store, table, file, progress=step)
+    if as_json:
+        click.echo(json.dumps(report.as_dict()))
+        return
+    click.echo(f"{report.table}: {report.rows:,} rows from {report.path}: {report.inserted:,} inserted, "
+               f"{report.updated:,} updated, {report.unchanged:,} unchanged ({report.seconds:.1f} s); stamped as "
+               f"node {report.node!r}, so the next pull carries them")  # fmt: skip
+
+
+@main.command("export")
+@_db_option
+@click.option("--to", "to", required=True, type=click.Path(),
+              help="out.parquet (one table: that file; several: a directory of <table>.parquet) or out.duckdb.")
+@click.option("--tables", default=None, help="Comma-separated tables to export (default: every synced table).")
+@click.option("--with-metadata", is_flag=True, help="Keep tidesync's columns (_hlc, _node, ...) too.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@_schema_option
+def export_cmd(db: str, to: str, tables: str | None, with_metadata: bool, overwrite: bool, as_json: bool,
+               schema_name: str) -> None:  # fmt: skip
+    """Write a consistent snapshot of synced tables to Parquet or DuckDB, for reporting.
+
+    All tables come from one REPEATABLE READ snapshot; live rows only (no tombstones).
+    """
+    from rich.console import Console as _Console
+
+    from tidesync.datasets import export_snapshot
+
+    names = None if tables is None else [t.strip() for t in tables.split(",") if t.strip()]
+    with open_store(db, _registry(schema_name)) as store, _rows_progress(_Console(stderr=True), as_json) as step:
+        report = export_snapshot(store, to, tables=names, with_metadata=with_metadata, overwrite=overwrite,
+                                 progress=step)  # fmt: skip
+    if as_json:
+        click.echo(json.dumps(report.as_dict()))
+        return
+    for name, count in report.tables.items():
+        click.echo(f"{name}: {count:,} rows")
+    click.echo(f"wrote {report.path} ({report.format}, one snapshot, {report.seconds:.1f} s)")
+
+
+# ----------------------------------------------------------------------------- verify
+
+
+@main.command("verify")
+@_db_option
+@click.option("--repair", is_flag=True, help="Write central's versions over the rows that differ (one transaction).")
+@click.option("--table", "tables", multiple=True, help="Only this table (repeatable; default: every table central sends).")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout (progress on stderr).")
+@_schema_option
+def verify_cmd(db: str, repair: bool, tables: tuple[str, ...], as_json: bool, schema_name: str) -> None:
+    """Compare this node's data with the central server's copy by range digests, and list
+    the rows that differ; --repair rewrites exactly those from central's copy.
+
+    Changes not synced yet (on either side) are left out; rows of patients no longer in
+    this node's scope are listed as out of scope, not as differences. Exit status 1
+    while differences remain (docs/operations.md, "Verify and repair")."""
+    from tidesync.sync import client as sync_client
+    from tidesync.sync.verify import verify_node
+
+    console = Console(stderr=True)
+    with open_store(db, _registry(schema_name)) as store, sync_client.client_for(store) as central:
+        with _verify_progress(console, as_json) as step:
+            report = verify_node(store, central, repair=repair, progress=step, tables=list(tables) or None)
+    if as_json:
+        click.echo(json.dumps(report.as_dict(), default=str))
+    else:
+        _show_verify(report)
+    if report.unrepaired:
+        hint = "" if repair else ": run again with --repair to rewrite them from central's copy"
+        raise _Failure(f"{report.unrepaired} difference(s) with central's copy remain{hint}")
+
+
+@contextlib.contextmanager
+def _verify_progress(console: Any, quiet: bool) -> Any:
+    """Rich progress bars for tables checked and repair steps (nothing when printing JSON)."""
+    if quiet:
+        yield None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=console, transient=True) as bar:  # fmt: skip
+        tasks: dict[str, Any] = {}
+
+        def step(what: str, done: int, total: int) -> None:
+            if what not in tasks:
+                tasks[what] = bar.add_task("tables checked" if what == "tables" else f"{what} steps", total=total)
+            bar.update(tasks[what], completed=done, total=total)
+
+        yield step
+
+
+def _show_verify(report: Any, shown: int = 20) -> None:
+    """The human form of a verify report: what differs, per table, and what a repair did."""
+    from rich.markup import escape
+
+    console = Console()
+    rows = sum(t.rows_here for t in report.tables)
+    moved = (report.bytes_up + report.bytes_down) / 1024
+    console.print(f"verify [bold]{escape(report.node)}[/] against central: {len(report.tables)} tables, "
+                  f"{rows:,} rows here, {moved:,.1f} KiB moved, {report.seconds:.2f} s")  # fmt: skip
+    names = {"differs": "differs", "missing_here": "missing here", "only_here": "only here"}
+    for t in report.tables:
+        for kind, label in names.items():
+            diffs = [d for d in t.differences if d.kind == kind]
+            if not diffs:
+                continue
+            console.print(f"  [bold]{t.table}[/]: {len(diffs)} {label}")
+            for d in diffs[:shown]:
+                central = "" if kind != "only_here" else f" (central: {d.central})"
+                done = f" -> {d.repair}" if d.repair else ""
+                console.print(f"    {d.key}{central}{escape(done)}")
+            if len(diffs) > shown:
+                console.print(f"    ... and {len(diffs) - shown} more (--json lists them all)")
+        outside = [d for d in t.differences if d.kind == "out_of_scope"]
+        if outside:
+            console.print(f"  {t.table}: {len(outside)} rows out of this node's scope (patients no longer "
+                          "marked here): not an error, left as they are")  # fmt: skip
+        if t.refused:
+            console.print(f"  [red]{t.table}: {t.refused} of central's versions refused by this database[/] "
+                          "(held in the quarantine: `tidesync quarantine list`)")  # fmt: skip
+    if report.clean:
+        console.print("no differences: this node's copy matches central's")
+    elif report.repair:
+        written = sum(t.written for t in report.tables)
+        deleted = sum(t.deleted for t in report.tables)
+        kept = [i for t in report.tables for i in t.quarantine_ids]
+        console.print(f"repaired: {written} rows written from central's copy, {deleted} deleted as central "
+                      f"deleted them, {len(kept)} kept in the quarantine and removed"
+                      + (f" (entries {', '.join(map(str, kept))})" if kept else ""))  # fmt: skip
 
 
 if __name__ == "__main__":  # pragma: no cover

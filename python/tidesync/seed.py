@@ -195,6 +195,8 @@ def export_seed(
     registry = store.registry
     partial = out.with_name(out.name + ".partial")
     tables: list[SeedTable] = []
+    partial.unlink(missing_ok=True)
+    partial.touch(mode=0o600)  # patient records: for the owner's eyes only, like a database file
     try:
         with (
             connect(store.dsn) as conn,
@@ -420,79 +422,99 @@ class Prepared:
     watermark: int
     rows: int
     created_at: float
+    #: The seed key and schema it was made under: a file made before either changed is
+    #: never handed out (it would fail the node's checks).
+    key: str = ""
+    fingerprint: str = ""
 
 
 class SeedSpool:
-    """Central's seed files for nodes that ask over the network, one per node, in ``root``.
+    """Central's seed files for nodes that ask over the network, one per node.
 
     A node asks (:meth:`request`); the first ask starts building its file in the
     background and answers "preparing"; later asks answer "ready" with its size and
     hash, and the node downloads it in ranges (:meth:`read`), resuming after a dropped
     connection. A file younger than ``max_age_s`` is handed out again (a node that
-    crashed mid-load resumes with the same seed); an older one is rebuilt. Several
-    server processes share ``root``: a lock file makes one of them the builder.
+    crashed mid-load resumes with the same seed); an older one is rebuilt. A failed
+    build is reported to the asking node for a minute, then tried again.
+
+    Files live in a folder of ``root`` named after the central database, so two central
+    servers on one machine never hand out each other's files; several server processes
+    of one central share it, and a lock file makes one of them the builder.
     """
 
+    FAILURE_SHOWN_S = 60.0
+
     def __init__(self, root: str | Path, dsn: str, registry: Any, *, max_age_s: float = 3600.0) -> None:
-        self.root, self.dsn, self.registry, self.max_age_s = Path(root), dsn, registry, max_age_s
-        self.root.mkdir(parents=True, exist_ok=True)
+        self.dsn, self.registry, self.max_age_s = dsn, registry, max_age_s
+        self.root = Path(root) / hashlib.sha256(dsn.encode()).hexdigest()[:12]
+        _private_dir(self.root)
 
-    def _paths(self, node: str) -> tuple[Path, Path, Path]:
-        return self.root / f"{node}.seed", self.root / f"{node}.seed.json", self.root / f"{node}.lock"
+    def _path(self, node: str, suffix: str) -> Path:
+        return self.root / f"{node}.{suffix}"
 
-    def request(self, node: str) -> dict[str, Any]:
-        data, meta, lock = self._paths(node)
-        if meta.exists():
-            info = Prepared(**json.loads(meta.read_text()))
-            if time.time() - info.created_at < self.max_age_s and data.exists():
+    def _ready(self, node: str) -> Prepared | None:
+        meta = self._path(node, "seed.json")
+        if not meta.exists() or not self._path(node, "seed").exists():
+            return None
+        return Prepared(**json.loads(meta.read_text()))
+
+    def request(self, store: PostgresStore, node: str) -> dict[str, Any]:
+        key, fp = public_key_text(signing_key(store)), fingerprint(store.registry)
+        info = self._ready(node)
+        if info is not None and info.key == key and info.fingerprint == fp:
+            if time.time() - info.created_at < self.max_age_s:
                 return {"status": "ready", **asdict(info)}
+        lock, err = self._path(node, "lock"), self._path(node, "error")
         if lock.exists() and time.time() - lock.stat().st_mtime > 6 * 3600:
             lock.unlink(missing_ok=True)  # left by a server that died while building
+        if not lock.exists() and err.exists() and time.time() - err.stat().st_mtime < self.FAILURE_SHOWN_S:
+            return {"status": "failed", "error": err.read_text()}
         try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
         except FileExistsError:
-            return {"status": "preparing", **self._failure(node)}
+            return {"status": "preparing"}
         os.close(fd)
+        err.unlink(missing_ok=True)
         import threading
 
-        threading.Thread(target=self._build, args=(node,), name=f"seed-{node}", daemon=True).start()
+        threading.Thread(target=self._build, args=(node, key, fp), name=f"seed-{node}", daemon=True).start()
         return {"status": "preparing"}
 
-    def _failure(self, node: str) -> dict[str, Any]:
-        err = self.root / f"{node}.error"
-        return {"error": err.read_text()} if err.exists() else {}
-
-    def _build(self, node: str) -> None:
+    def _build(self, node: str, key: str, fp: str) -> None:
         from tidesync.pg.store import PostgresStore
 
-        data, meta, lock = self._paths(node)
-        err = self.root / f"{node}.error"
+        data, meta = self._path(node, "seed"), self._path(node, "seed.json")
         try:
-            err.unlink(missing_ok=True)
+            meta.unlink(missing_ok=True)
             with PostgresStore(self.dsn, self.registry) as store:
                 m = export_seed(store, node, data, overwrite=True)
             sha = hashlib.sha256()
             with data.open("rb") as f:
                 while chunk := f.read(1 << 20):
                     sha.update(chunk)
-            info = Prepared(m.id, data.stat().st_size, sha.hexdigest(), m.watermark, m.rows, time.time())
+            info = Prepared(m.id, data.stat().st_size, sha.hexdigest(), m.watermark, m.rows, time.time(), key, fp)
             meta.write_text(json.dumps(asdict(info)))
         except Exception as exc:  # noqa: BLE001 - reported to the node on its next ask
-            err.write_text(f"{type(exc).__name__}: {exc}")
-            meta.unlink(missing_ok=True)
+            self._path(node, "error").write_text(f"{type(exc).__name__}: {exc}")
         finally:
-            lock.unlink(missing_ok=True)
+            self._path(node, "lock").unlink(missing_ok=True)
 
     def read(self, node: str, seed_id: str, offset: int, length: int) -> bytes:
-        data, meta, _ = self._paths(node)
-        info = Prepared(**json.loads(meta.read_text())) if meta.exists() else None
+        info = self._ready(node)
         if info is None or info.id != seed_id:
             raise SeedError(f"seed {seed_id} of node {node!r} is gone (replaced by a newer one): ask again")
         if offset < 0 or length <= 0 or offset > info.bytes:
             raise SeedError(f"bad range {offset}+{length} of a {info.bytes}-byte seed")
-        with data.open("rb") as f:
+        with self._path(node, "seed").open("rb") as f:
             f.seek(offset)
             return f.read(length)
+
+
+def _private_dir(path: Path) -> None:
+    """A folder for seed files, readable by this user only: they hold patient records."""
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    path.chmod(0o700)
 
 
 #: Bytes per download request of a seed: large enough for throughput, small enough that
@@ -506,19 +528,21 @@ def download(client: Any, spool: str | Path, *, progress: Progress = _quiet, pol
     partial download in ``spool``); returns the file and central's public seed key."""
     key = str(client.call("GET", "/v1/seed/key").json()["key"])
     deadline = time.monotonic() + timeout_s
+    wait = 0.05
     while True:
         answer = client.call("POST", "/v1/seed", json={}).json()
         if answer.get("status") == "ready":
             break
-        if answer.get("error"):
-            raise SeedError(f"central could not make this node's seed: {answer['error']}")
+        if answer.get("status") == "failed":
+            raise SeedError(f"central could not make this node's seed: {answer.get('error')}")
         if time.monotonic() > deadline:
             raise SeedError("central is still making this node's seed; try again later")
         progress("prepare", 0, 0)
-        time.sleep(poll_s)
+        time.sleep(wait)
+        wait = min(poll_s, wait * 2)  # a small seed is ready at once; a large one takes minutes
     info = Prepared(**{k: answer[k] for k in Prepared.__dataclass_fields__})
     spool = Path(spool)
-    spool.mkdir(parents=True, exist_ok=True)
+    _private_dir(spool)
     path = spool / f"seed-{info.id}.seed"
     partial = path.with_name(path.name + ".part")
     for stale in spool.glob("seed-*.seed*"):  # an older seed's leftovers

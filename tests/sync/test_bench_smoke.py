@@ -16,3 +16,13 @@ def test_network_benchmarks_run_and_check_their_results(pg_server) -> None:  # t
     (load,) = [r for name, r in by_name.items() if name.startswith("load:")]
     assert load["check"] == "ok" and load["target_met"] is True  # zero errors
     assert load["rows"] > 0
+
+
+def test_seed_benchmarks_run_and_check_their_results(pg_server) -> None:  # type: ignore[no-untyped-def]
+    from tidesync.bench.seed_bench import run_seed_bench
+
+    results = run_seed_bench(500, 1, None, dsn=pg_server.dsn, sizes=(500,))
+    assert [r["baseline"] for r in results] == [
+        "pg_dump | pg_restore", "binary COPY of pre-made files", "polars read (ADBC) + write Parquet", "—"]
+    assert all(r["check"] == "ok" for r in results), [r["check"] for r in results]
+    assert results[0]["rows"] == 500 and results[0]["tidesync_s"] > 0

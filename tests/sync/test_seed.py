@@ -305,3 +305,42 @@ def test_seed_key_and_export_refusals(network: Net, tmp_path: Path) -> None:
     assert taken.exit_code == 1 and "already exists" in taken.output
     assert (tmp_path / "taken.seed").read_bytes() == b"keep me"
     assert not list(tmp_path.glob("*.partial"))
+
+
+def test_seed_files_and_folders_are_private_to_their_owner(network: Net, tmp_path: Path) -> None:
+    out = tmp_path / "a.seed"
+    seed.export_seed(network.net.central, "fac-a", out)
+    assert out.stat().st_mode & 0o077 == 0
+    spool = seed.SeedSpool(tmp_path / "spool", network.net.central_dsn, REGISTRY)
+    assert spool.root.stat().st_mode & 0o077 == 0
+
+
+def test_the_seed_spool_never_hands_out_a_file_it_cannot_vouch_for(network: Net, tmp_path: Path) -> None:
+    """Regression: seed files were kept by node name only, so a central server handed a
+    node the file another central (same machine, same node name) had made and signed."""
+    import time
+
+    cstore = network.net.central
+    other = seed.SeedSpool(tmp_path, network.net.central_dsn + "?application_name=other", REGISTRY)
+    spool = seed.SeedSpool(tmp_path, network.net.central_dsn, REGISTRY)
+    assert spool.root != other.root and spool.root.parent == other.root.parent
+
+    def ready(node: str) -> dict[str, Any]:
+        for _ in range(300):
+            answer = spool.request(cstore, node)
+            if answer["status"] != "preparing":
+                return answer
+            time.sleep(0.05)
+        raise AssertionError("the seed was never ready")
+
+    first = ready("fac-a")
+    assert first["status"] == "ready" and first["key"] == key_of(network)
+    assert ready("fac-a")["id"] == first["id"]  # handed out again while fresh
+    # A file made under another key (say, central's key was replaced) is rebuilt.
+    meta = spool.root / "fac-a.seed.json"
+    meta.write_text(json.dumps({**json.loads(meta.read_text()), "key": "ed25519:someone-else"}))
+    assert spool.request(cstore, "fac-a")["status"] == "preparing"
+    assert ready("fac-a")["key"] == key_of(network)
+    # A build that fails is reported, not retried in a loop.
+    failed = ready("no-such-node")
+    assert failed["status"] == "failed" and "no node named 'no-such-node'" in failed["error"]

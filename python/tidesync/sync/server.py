@@ -17,6 +17,10 @@ Routes (all under ``/v1``, all but ``/v1/health`` need ``Authorization: Bearer <
 ``GET  /v1/seed/key``                       central's public seed key
 ``POST /v1/seed``                           make (or reuse) this node's seed file
 ``GET  /v1/seed/{id}?offset=&length=``      a byte range of it (resumable download)
+``POST /v1/verify/digest``                  central's range digest of a table of the node's scope
+``POST /v1/verify/rows``                    central's row hashes of some buckets of it (Arrow IPC)
+``POST /v1/verify/keys``                    what central holds now for each key (state, row hash)
+``POST /v1/verify/fetch``                   central's versions of keys in scope (Arrow IPC page)
 ==========================================  ===========================================
 """
 
@@ -42,7 +46,7 @@ from tidesync.errors import ProtocolError, SyncError
 from tidesync.pg.store import PostgresStore
 from tidesync.seed import SeedSpool, public_key_text, signing_key
 from tidesync.registry import Registry
-from tidesync.sync import central
+from tidesync.sync import central, verify
 from tidesync.sync.protocol import CONTENT_TYPE, ERRORS, PayloadTooLargeError, error_type
 
 log = logging.getLogger("tidesync.server")
@@ -192,7 +196,7 @@ def create_app(dsn: str, registry: Registry, settings: central.Settings | None =
         return JSONResponse(await call(request, lambda s, node: {"key": public_key_text(signing_key(s))}))
 
     async def seed_request(request: Request) -> Response:
-        return JSONResponse(await call(request, lambda s, node: spool.request(node.id)))
+        return JSONResponse(await call(request, lambda s, node: spool.request(s, node.id)))
 
     async def seed_chunk(request: Request) -> Response:
         try:
@@ -204,8 +208,31 @@ def create_app(dsn: str, registry: Registry, settings: central.Settings | None =
         data = await call(request, lambda s, node: spool.read(node.id, sid, offset, length))
         return Response(data, media_type="application/octet-stream")
 
+    async def verify_digest(request: Request) -> Response:
+        body = await body_json(request)
+        answer = await call(request, lambda s, node: verify.serve_digest(s, node, body))
+        return Response(answer, media_type=CONTENT_TYPE)
+
+    async def verify_rows(request: Request) -> Response:
+        body = await body_json(request)
+        answer = await call(request, lambda s, node: verify.serve_rows(s, node, body))
+        return Response(answer, media_type=CONTENT_TYPE)
+
+    async def verify_keys(request: Request) -> Response:
+        body = await body_json(request)
+        return JSONResponse(await call(request, lambda s, node: verify.serve_keys(s, node, body)))
+
+    async def verify_fetch(request: Request) -> Response:
+        body = await body_json(request)
+        answer = await call(request, lambda s, node: verify.serve_fetch(s, node, body))
+        return Response(answer, media_type=CONTENT_TYPE)
+
     routes = [
         Route("/v1/health", endpoint(health), methods=["GET"]),
+        Route("/v1/verify/digest", endpoint(verify_digest), methods=["POST"]),
+        Route("/v1/verify/rows", endpoint(verify_rows), methods=["POST"]),
+        Route("/v1/verify/keys", endpoint(verify_keys), methods=["POST"]),
+        Route("/v1/verify/fetch", endpoint(verify_fetch), methods=["POST"]),
         Route("/v1/seed/key", endpoint(seed_key), methods=["GET"]),
         Route("/v1/seed", endpoint(seed_request), methods=["POST"]),
         Route("/v1/seed/{seed}", endpoint(seed_chunk), methods=["GET"]),
