@@ -276,6 +276,22 @@ def central_serve(db: str, host: str, port: int, cert: str | None, key: str | No
 # ----------------------------------------------------------------------------- nodes
 
 
+def _central_options(*, required: bool, token_help: str = "The node's token from `tidesync central add-node`.") -> Any:
+    """--central, --token, --ca and --allow-http: how a node reaches its central server."""
+
+    def apply(f: Any) -> Any:
+        for option in reversed([
+            click.option("--central", "url", required=required, help="The central server's URL (https://...)."),
+            click.option("--token", required=required, help=token_help),
+            click.option("--ca", type=click.Path(exists=True, dir_okay=False), help="CA bundle to verify the server with."),
+            click.option("--allow-http", is_flag=True, help="Allow plain HTTP to a non-loopback address."),
+        ]):  # fmt: skip
+            f = option(f)
+        return f
+
+    return apply
+
+
 @main.group("node")
 def node_group() -> None:
     """Set up a facility server or mobile device as a sync node."""
@@ -283,10 +299,7 @@ def node_group() -> None:
 
 @node_group.command("init")
 @_db_option
-@click.option("--central", "url", required=True, help="The central server's URL (https://...).")
-@click.option("--token", required=True, help="The node's token from `tidesync central add-node`.")
-@click.option("--ca", type=click.Path(exists=True, dir_okay=False), help="CA bundle to verify the server with.")
-@click.option("--allow-http", is_flag=True, help="Allow plain HTTP to a non-loopback address.")
+@_central_options(required=True)
 @click.option("--seed", "with_seed", is_flag=True,
               help="Then load the node's whole scope from central in bulk (faster than a first sync).")
 @click.option("--spool", type=click.Path(file_okay=False), default=None,
@@ -309,10 +322,7 @@ def node_init(db: str, url: str, token: str, ca: str | None, allow_http: bool, w
 
 @node_group.command("restore")
 @_db_option
-@click.option("--central", "url", required=True, help="The central server's URL (https://...).")
-@click.option("--token", required=True, help="The lost node's token (or a new one from `central add-node`).")
-@click.option("--ca", type=click.Path(exists=True, dir_okay=False), help="CA bundle to verify the server with.")
-@click.option("--allow-http", is_flag=True, help="Allow plain HTTP to a non-loopback address.")
+@_central_options(required=True, token_help="The lost node's token (or a new one from `central add-node`).")
 @click.option("--spool", type=click.Path(file_okay=False), default=None, help="Where the seed download waits.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @_schema_option
@@ -394,10 +404,7 @@ def seed_export(db: str, node_name: str, out: str, overwrite: bool, as_json: boo
 @_db_option
 @click.option("--key", "public_key", default=None,
               help="Central's seed key (`tidesync seed key`); default: the one the node already knows.")
-@click.option("--central", "url", default=None, help="Also set the node up to sync with this central server.")
-@click.option("--token", default=None, help="The node's token (with --central).")
-@click.option("--ca", type=click.Path(exists=True, dir_okay=False), help="CA bundle to verify the server with.")
-@click.option("--allow-http", is_flag=True, help="Allow plain HTTP to a non-loopback address.")
+@_central_options(required=False, token_help="The node's token: with --central, also set the node up to sync.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @_schema_option
 def seed_import(file: str, db: str, public_key: str | None, url: str | None, token: str | None, ca: str | None,
