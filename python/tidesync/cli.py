@@ -15,7 +15,8 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import click
 from rich.console import Console
@@ -276,10 +277,15 @@ def central_serve(db: str, host: str, port: int, cert: str | None, key: str | No
 # ----------------------------------------------------------------------------- nodes
 
 
-def _central_options(*, required: bool, token_help: str = "The node's token from `tidesync central add-node`.") -> Any:
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def _central_options(
+    *, required: bool, token_help: str = "The node's token from `tidesync central add-node`."
+) -> Callable[[_F], _F]:
     """--central, --token, --ca and --allow-http: how a node reaches its central server."""
 
-    def apply(f: Any) -> Any:
+    def apply(f: _F) -> _F:
         for option in reversed([
             click.option("--central", "url", required=required, help="The central server's URL (https://...)."),
             click.option("--token", required=required, help=token_help),
