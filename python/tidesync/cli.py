@@ -837,8 +837,11 @@ def export_cmd(db: str, to: str, tables: str | None, with_metadata: bool, overwr
 @click.option("--repair", is_flag=True, help="Write central's versions over the rows that differ (one transaction).")
 @click.option("--table", "tables", multiple=True, help="Only this table (repeatable; default: every table central sends).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout (progress on stderr).")
+@click.option("--central", "url", default=None,
+              help="The central server's URL, if not the one `node init` saved (the node's token is used).")
 @_schema_option
-def verify_cmd(db: str, repair: bool, tables: tuple[str, ...], as_json: bool, schema_name: str) -> None:
+def verify_cmd(db: str, repair: bool, tables: tuple[str, ...], as_json: bool, url: str | None,
+               schema_name: str) -> None:  # fmt: skip
     """Compare this node's data with the central server's copy by range digests, and list
     the rows that differ; --repair rewrites exactly those from central's copy.
 
@@ -849,7 +852,7 @@ def verify_cmd(db: str, repair: bool, tables: tuple[str, ...], as_json: bool, sc
     from tidesync.sync.verify import verify_node
 
     console = Console(stderr=True)
-    with open_store(db, _registry(schema_name)) as store, sync_client.client_for(store) as central:
+    with open_store(db, _registry(schema_name)) as store, sync_client.client_for(store, url=url) as central:
         with _verify_progress(console, as_json) as step:
             report = verify_node(store, central, repair=repair, progress=step, tables=list(tables) or None)
     if as_json:

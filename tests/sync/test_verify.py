@@ -333,5 +333,7 @@ def test_cli_verify_and_repair(network: Net) -> None:
     fixed = runner.invoke(main, ["verify", "--db", a.db, "--repair"])
     assert fixed.exit_code == 0, fixed.output
     assert "repaired" in fixed.output
-    clean = runner.invoke(main, ["verify", "--db", a.db])
+    clean = runner.invoke(main, ["verify", "--db", a.db, "--central", network.net.url])
     assert clean.exit_code == 0 and "no differences" in clean.output, clean.output
+    nowhere = runner.invoke(main, ["verify", "--db", a.db, "--central", "http://127.0.0.1:9"])
+    assert nowhere.exit_code == 1 and "cannot reach the central server at http://127.0.0.1:9" in nowhere.output

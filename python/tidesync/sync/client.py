@@ -232,10 +232,11 @@ class _Phase:
 Progress = Callable[[str, int, int], None]
 
 
-def client_for(store: Store, *, retry: Retry = Retry()) -> CentralClient:
-    """The central client configured in a node's database by ``tidesync node init``."""
+def client_for(store: Store, *, retry: Retry = Retry(), url: str | None = None) -> CentralClient:
+    """The central client configured in a node's database by ``tidesync node init``
+    (``url``: reach the same central server at another address, with the node's token)."""
     store.node_id()  # NotInstalledError (with what to run) when this is no node at all
-    url, token = store.get_setting(SETTING_URL), store.get_setting(SETTING_TOKEN)
+    url, token = url or store.get_setting(SETTING_URL), store.get_setting(SETTING_TOKEN)
     if not url or not token:
         raise SyncError("this database is not set up as a node: run `tidesync node init --central URL --token TOKEN`")
     return CentralClient(
