@@ -22,7 +22,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from rich.console import Console
@@ -138,18 +138,18 @@ def _bench_size(server: str, rows: int, repeats: int, rep: _Reporter) -> list[Ro
                     ts_runs.append(seconds)
                     counts["seed"] = _count(db)
                     drop_database(server, name)
-                with rep.step(f"{rows:,} rows: pg_dump | pg_restore {i + 1}/{repeats}"):
-                    name = f"ts_bench_dump_{tag}"
-                    db = _twin(server, name)
-                    dump_runs.append(_dump_restore(bindir, central_dsn, db))
-                    counts["dump"] = _count(db)
-                    drop_database(server, name)
-                with rep.step(f"{rows:,} rows: binary COPY of pre-made files {i + 1}/{repeats}"):
-                    name = f"ts_bench_copy_{tag}"
-                    db = _twin(server, name)
-                    floor_runs.append(_copy_in(bindir, db, work))
-                    counts["copy"] = _count(db)
-                    drop_database(server, name)
+                # Each baseline loads a fresh twin the same way: (name, label, runs, load).
+                baselines: list[tuple[str, str, list[float], Callable[[str], float]]] = [
+                    ("dump", "pg_dump | pg_restore", dump_runs, lambda db: _dump_restore(bindir, central_dsn, db)),
+                    ("copy", "binary COPY of pre-made files", floor_runs, lambda db: _copy_in(bindir, db, work)),
+                ]
+                for kind, what, runs, load in baselines:
+                    with rep.step(f"{rows:,} rows: {what} {i + 1}/{repeats}"):
+                        name = f"ts_bench_{kind}_{tag}"
+                        db = _twin(server, name)
+                        runs.append(load(db))
+                        counts[kind] = _count(db)
+                        drop_database(server, name)
         finally:
             server_proc.stop()
         with rep.step(f"{rows:,} rows: seed file export / import, polars Parquet"):
