@@ -165,42 +165,45 @@ def plan_apply(
     values is a new version (``_origin`` null) that the peer has not seen yet.
     """
     key = spec.key
-    distinct = _distinct_count(incoming.column(key))
-    unique = distinct == incoming.num_rows
     full_local = local
     adopted = _no_conflicts(incoming.schema)
     if options.own_node is not None and local.num_rows:
         local, adopted = _adopt_restamped(spec, local, incoming, options.own_node)
-    if local.num_rows == 0 and unique:
-        # Nothing to merge with and one version per key: merge would return the batch
-        # as it is (every row new, no conflicts). A first sync or a bulk load skips it.
-        rows, conflicts = incoming, _no_conflicts(incoming.schema)
-    else:
-        result = merge(local, incoming, key, spec.merge)
-        rows, conflicts = result.rows, result.conflicts
+    # Merge also says, per row, which local row its key had and which incoming row it
+    # copies: enough to sort rows into inserts and updates and to mark their origin
+    # without looking keys up again.
+    result = merge(local, incoming, key, spec.merge)
+    rows, conflicts = result.rows, result.conflicts
+    unique = result.keys == incoming.num_rows
     if adopted.num_rows:
         conflicts = pa.concat_tables([conflicts, adopted.cast(conflicts.schema)])
-    origin = _origins(spec, rows, incoming, local, peer, unique=unique)
+    origin = _origins(spec, rows, result.source, peer, unique=unique)
     restamped = options.restamped.get(spec.name)
     if restamped is not None and len(restamped) and rows.num_rows:
         mine = pc.is_in(_storage(rows.column(key)), value_set=_storage(restamped))
         origin = pc.if_else(mine, pa.scalar(None, pa.string()), origin)
-    local = full_local
+    if local is full_local:
+        # The local row's `_deleted`: null where the key had none.
+        local_deleted = local.column(DELETED).combine_chunks().take(result.local_row)
+        was_live = pc.fill_null(pc.invert(local_deleted), False)
+        was_dead = pc.fill_null(local_deleted, False)
+    else:
+        # Some local rows were set aside (adopted): they are still in the table.
+        local_live = full_local.filter(pc.invert(full_local.column(DELETED))).column(key).combine_chunks()
+        local_dead = full_local.filter(full_local.column(DELETED)).column(key).combine_chunks()
+        was_live = pc.is_in(rows.column(key), value_set=local_live)
+        was_dead = pc.is_in(rows.column(key), value_set=local_dead)
     deleted = rows.column(DELETED)
     live_mask = pc.invert(deleted)
-    local_live = local.filter(pc.invert(local.column(DELETED))).column(key)
-    was_live = pc.is_in(rows.column(key), value_set=local_live.combine_chunks()) if local.num_rows else None
-    if was_live is None:
-        was_live = pa.repeat(pa.scalar(False), rows.num_rows)
-    local_dead = local.filter(local.column(DELETED)).column(key).combine_chunks()
+    new_mask = pc.and_(live_mask, pc.invert(was_live))
 
     out = with_origin(rows.drop_columns([DELETED]), origin)
-    inserts = out.filter(pc.and_(live_mask, pc.invert(was_live)))
+    inserts = out.filter(new_mask)
     updates = out.filter(pc.and_(live_mask, was_live))
     meta = [key, HLC, NODE, BASE_HLC, ORIGIN]
     deletes = out.filter(deleted).select(meta)
-    revived = pc.filter(inserts.column(key), pc.is_in(inserts.column(key), value_set=local_dead)).combine_chunks()
-    unchanged = distinct - rows.num_rows
+    revived = pc.filter(rows.column(key), pc.and_(new_mask, was_dead)).combine_chunks()
+    unchanged = result.keys - rows.num_rows
     return ApplyPlan(spec, inserts, updates, deletes, revived, conflicts, max(unchanged, 0))
 
 
@@ -267,14 +270,9 @@ def _no_conflicts(schema: pa.Schema) -> pa.Table:
     return pa.schema([*schema, *extra]).empty_table()
 
 
-def _distinct_count(col: pa.ChunkedArray) -> int:
-    return int(pc.count_distinct(_storage(col)).as_py())
-
-
-def _origins(
-    spec: TableSpec, rows: pa.Table, incoming: pa.Table, local: pa.Table, peer: str | None, *, unique: bool
-) -> pa.Array:
-    """``peer`` for rows identical to a version the peer sent, null for the rest."""
+def _origins(spec: TableSpec, rows: pa.Table, source: pa.Array, peer: str | None, *, unique: bool) -> pa.Array:
+    """``peer`` for rows identical to a version the peer sent (merge's ``source``), null
+    for the rest: a field-wise mix of local and incoming values is a new version."""
     n = rows.num_rows
     if peer is None or n == 0:
         return pa.nulls(n, pa.string())
@@ -284,18 +282,7 @@ def _origins(
     if not unique:
         # Several versions of a key in one batch (rare): echoing is harmless, skip the check.
         return pa.nulls(n, pa.string())
-    if local.num_rows == 0:
-        # Nothing local to mix in: each merged row is the one version the peer sent.
-        return pa.repeat(pa.scalar(peer, pa.string()), n)
-    from tidesync.core import diff
-
-    # Only keys that had a local version can have merged into something new.
-    key = spec.key
-    mixed = rows.filter(pc.is_in(rows.column(key), value_set=local.column(key).combine_chunks()))
-    sent = incoming.filter(pc.is_in(incoming.column(key), value_set=mixed.column(key).combine_chunks()))
-    changed = diff(sent, mixed, key).updated.column(key).combine_chunks()
-    same = pc.invert(pc.is_in(rows.column(key), value_set=changed))
-    return pc.if_else(same, pa.scalar(peer, pa.string()), pa.scalar(None, pa.string()))
+    return pc.if_else(pc.is_valid(source), pa.scalar(peer, pa.string()), pa.scalar(None, pa.string()))
 
 
 def tombstone_rows(spec: TableSpec, meta: pa.Table) -> pa.Table:

@@ -113,17 +113,27 @@ def diff(old: Any, new: Any, key: str) -> Diff:
 
 @dataclass(frozen=True)
 class MergeResult:
-    """Rows to write, which of them are new, and the losing side of every concurrent edit."""
+    """Rows to write, which of them are new, and the losing side of every concurrent edit.
+
+    ``local_row`` and ``source`` (uint32, one per row of ``rows``) say where each row
+    stands: the local row of its key (null: none, the row is new), and the incoming row
+    it is a copy of in every column (null: it mixes versions or keeps local parts, as
+    field-wise merges can). ``keys`` counts the distinct keys of ``incoming``.
+    """
 
     rows: pa.Table
     inserted: pa.Array
     conflicts: pa.Table
+    local_row: pa.Array
+    source: pa.Array
+    keys: int
 
 
 def merge(local: Any, incoming: Any, key: str, mode: MergeMode = "record") -> MergeResult:
     """Merge incoming versions into the local rows of one table (see docs/semantics.md)."""
-    rows, inserted, conflicts = _core.merge(local, incoming, key, mode)
-    return MergeResult(pa.table(rows), pa.array(inserted), pa.table(conflicts))
+    rows, inserted, local_row, source, conflicts, keys = _core.merge(local, incoming, key, mode)
+    return MergeResult(pa.table(rows), pa.array(inserted), pa.table(conflicts), pa.array(local_row),
+                       pa.array(source), int(keys))  # fmt: skip
 
 
 def digest(

@@ -518,6 +518,8 @@ def merge(local: Any, incoming: Any, key: str, mode: MergeMode = "record") -> Me
 
     out_rows: list[_Version] = []
     out_inserted: list[bool] = []
+    out_local: list[int | None] = []
+    out_source: list[int | None] = []
     conflicts: list[tuple[_Version, _Version, list[str]]] = []
     for k, incoming_versions in versions.items():
         here = local_row.get(k)
@@ -527,6 +529,10 @@ def merge(local: Any, incoming: Any, key: str, mode: MergeMode = "record") -> Me
         if here is None or not m.same_row(merged, (here,) * width):
             out_rows.append(merged)
             out_inserted.append(here is None)
+            out_local.append(here)
+            # The first incoming version the merged row equals in every column.
+            copies = [v[0] - n_local for v in incoming_versions if m.same_row(merged, v)]
+            out_source.append(copies[0] if copies else None)
 
         # Conflicts: fold V in ascending record order, checking each next version
         # against everything merged so far.
@@ -550,6 +556,9 @@ def merge(local: Any, incoming: Any, key: str, mode: MergeMode = "record") -> Me
         rows=rows,
         inserted=pa.array(out_inserted, type=pa.bool_()),
         conflicts=conflict_table,
+        local_row=pa.array(out_local, type=pa.uint32()),
+        source=pa.array(out_source, type=pa.uint32()),
+        keys=len(versions),
     )
 
 

@@ -3,6 +3,7 @@ conflict rules behave as docs/semantics.md describes on hand-written histories."
 
 from __future__ import annotations
 
+from collections import Counter
 from datetime import datetime, timezone
 from typing import Any
 
@@ -21,7 +22,7 @@ from tidesync.errors import (
     UnsupportedTypeError,
 )
 
-from .checks import apply, assert_same_merge, same_state, schema_sig, show
+from .checks import apply, assert_same_merge, canon_rows, same_state, schema_sig, show
 from .strategies import KEY, MergeScenario, merge_scenarios
 
 MODES: list[MergeMode] = ["record", "field"]
@@ -64,6 +65,30 @@ def test_merge_rows_in_order_of_first_appearance(mode: MergeMode, data: st.DataO
     ref = reference.merge(state, batch, KEY, mode)
     assert native.rows.column(KEY).to_pylist() == ref.rows.column(KEY).to_pylist()
     assert native.inserted.to_pylist() == ref.inserted.to_pylist()
+
+
+@pytest.mark.parametrize("mode", MODES)
+@given(data=st.data())
+def test_merge_says_where_each_row_stands(mode: MergeMode, data: st.DataObject) -> None:
+    """``local_row`` is the key's local row; ``source``, when set, is an incoming row
+    equal to the output row in every column, and it is set whenever a key's one
+    incoming version is such a copy (with several versions it may stay null); ``keys``
+    counts distinct incoming keys."""
+    sc = data.draw(merge_scenarios(mode, n_batches=1))
+    state, (batch,) = _tables(sc)
+    native = tidesync.merge(state, batch, KEY, mode)
+    ref = reference.merge(state, batch, KEY, mode)
+    assert native.local_row.to_pylist() == ref.local_row.to_pylist()
+    assert native.inserted.to_pylist() == [r is None for r in native.local_row.to_pylist()]
+    assert native.keys == ref.keys == len(set(batch.column(KEY).to_pylist()))
+    out, inc = canon_rows(native.rows), canon_rows(batch.cast(native.rows.schema))
+    versions = Counter(batch.column(KEY).to_pylist())
+    keys = native.rows.column(KEY).to_pylist()
+    for i, (src, ref_src) in enumerate(zip(native.source.to_pylist(), ref.source.to_pylist(), strict=True)):
+        if src is not None:
+            assert inc[src] == out[i], f"row {i} is not a copy of incoming row {src}"
+        elif versions[keys[i]] == 1:
+            assert ref_src is None, f"row {i} copies incoming row {ref_src}, but source is null"
 
 
 @pytest.mark.parametrize("mode", MODES)

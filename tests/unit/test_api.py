@@ -57,7 +57,7 @@ def test_outputs_are_read_by_polars_and_duckdb() -> None:
     assert pl.from_arrow(rows).height == 20
     assert duckdb.sql("select count(*) from rows").fetchall() == [(20,)]
     # The native result exports the C stream interface itself, too.
-    native, _, _ = tidesync._core.merge(patients(5), patients(5, "b", 20), "id", "record")
+    native, *_ = tidesync._core.merge(patients(5), patients(5, "b", 20), "id", "record")
     assert hasattr(native, "__arrow_c_stream__")
     assert pa.table(native).num_rows == 5
 

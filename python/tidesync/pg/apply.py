@@ -283,9 +283,12 @@ def read_local(cur: Any, spec: TableSpec, keys: pa.ChunkedArray, *, lock: bool =
     # a bulk apply locks the table against writers (readers go on), which is far cheaper
     # than marking a million rows locked one by one.
     row_lock = "" if len(keys) > ROW_LOCK_LIMIT or not lock else " FOR UPDATE OF t"
+    # A semi-join, not a join: PostgreSQL then hashes the staged keys (16 bytes each)
+    # and scans the table, instead of hashing the table's wide rows (1.2 s of a 2.1 s
+    # read of 500k of 1M rows, measured on the demo `patients`).
     cur.execute(
         f"SELECT {wire_columns(spec, 't', tombstone=False)} "
-        f"FROM {qi(spec.name)} t JOIN {KEYS} k ON t.{k} = k.{k}{row_lock}"
+        f"FROM {qi(spec.name)} t WHERE t.{k} IN (SELECT k.{k} FROM {KEYS} k){row_lock}"
     )
     live = conform(cur.fetch_arrow_table(), spec, "local rows")
     cur.execute(

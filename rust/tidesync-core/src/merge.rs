@@ -56,6 +56,15 @@ pub struct MergeOutput {
     pub rows: RecordBatch,
     /// One per row of `rows`: the key had no local row.
     pub inserted: BooleanArray,
+    /// One per row of `rows`: the local row of its key, null when there was none
+    /// (so a caller can tell an update of a live row from a revival of a tombstone).
+    pub local_row: UInt32Array,
+    /// One per row of `rows`: the incoming row it is a copy of (every column equal),
+    /// null when it mixes versions or keeps local parts (field mode), so a caller
+    /// knows which rows are exactly a version the sender has.
+    pub source: UInt32Array,
+    /// Distinct keys in `incoming` (the number of groups merged).
+    pub keys: usize,
     /// The losing side of every concurrent edit, with `_winner_hlc`, `_winner_node`
     /// and `_lost_columns`.
     pub conflicts: RecordBatch,
@@ -126,7 +135,7 @@ pub fn merge(local: &RecordBatch, incoming: &RecordBatch, key: &str, mode: Merge
         ctx.log_record_conflicts(&mut out);
         out
     });
-    Output::concat(&ctx, parts).finish(&ctx)
+    Output::concat(&ctx, parts).finish(&ctx, groups.groups.len())
 }
 
 /// Incoming rows grouped by key, in order of first appearance, each with its local row.
@@ -510,9 +519,8 @@ impl<'a> Ctx<'a> {
                 }
                 let winner = *scratch.last().unwrap();
                 match loc {
-                    None => out.write_record(winner, true),
-                    Some(l) if self.full_order(winner, l) == Ordering::Greater => out.write_record(winner, false),
-                    Some(_) => {}
+                    Some(l) if self.full_order(winner, l) != Ordering::Greater => {}
+                    _ => out.write_record(winner, local),
                 }
             }
             MergeMode::Field => {
@@ -530,8 +538,14 @@ impl<'a> Ctx<'a> {
                         }
                     }
                 }
+                // A copy of one incoming version: every part is it, or equal to it.
+                let cand = acc.row;
+                let copy = cand.side() == INCOMING
+                    && (0..acc.cols.len())
+                        .all(|d| acc.cols[d] == cand || self.column_order(d, cand, acc.cols[d]) == Ordering::Equal);
+                let source = copy.then_some(cand.row() as u32);
                 match loc {
-                    None => out.write_field(acc, true),
+                    None => out.write_field(acc, None, source),
                     Some(l) => {
                         // Parts equal to the local row's are taken from it, so "nothing
                         // changed" is simply "every part is local".
@@ -544,7 +558,7 @@ impl<'a> Ctx<'a> {
                             }
                         }
                         if acc.row != l || acc.cols.iter().any(|c| *c != l) {
-                            out.write_field(acc, false);
+                            out.write_field(acc, local, source);
                         }
                     }
                 }
@@ -557,21 +571,22 @@ impl<'a> Ctx<'a> {
     fn merge_single(&self, loc: Option<V>, inc: V, acc: &mut Acc, out: &mut Output) {
         let Some(loc) = loc else {
             match self.mode {
-                MergeMode::Record => out.write_record(inc, true),
+                MergeMode::Record => out.write_record(inc, None),
                 MergeMode::Field => {
                     acc.row = inc;
                     acc.cols.clear();
                     acc.cols.resize(self.data_cols.len(), inc);
-                    out.write_field(acc, true);
+                    out.write_field(acc, None, Some(inc.row() as u32));
                 }
             }
             return;
         };
+        let local = Some(loc.row() as u32);
         match self.mode {
             MergeMode::Record => match self.full_order(inc, loc) {
                 Ordering::Greater => {
                     self.record_conflict(loc, inc, out);
-                    out.write_record(inc, false);
+                    out.write_record(inc, local);
                 }
                 Ordering::Less => self.record_conflict(inc, loc, out),
                 Ordering::Equal => {}
@@ -583,19 +598,28 @@ impl<'a> Ctx<'a> {
                 acc.cols.clear();
                 acc.cols.resize(self.data_cols.len(), loc);
                 self.field_conflict(acc, inc, out);
-                let mut changed = false;
-                if self.version_order(inc, loc) == Ordering::Greater {
-                    acc.row = inc;
-                    changed = true;
+                // `copy`: every part is the incoming one or equal to it.
+                let (mut changed, mut copy) = (false, true);
+                match self.version_order(inc, loc) {
+                    Ordering::Greater => {
+                        acc.row = inc;
+                        changed = true;
+                    }
+                    Ordering::Less => copy = false,
+                    Ordering::Equal => {}
                 }
                 for d in 0..acc.cols.len() {
-                    if self.column_order(d, inc, loc) == Ordering::Greater {
-                        acc.cols[d] = inc;
-                        changed = true;
+                    match self.column_order(d, inc, loc) {
+                        Ordering::Greater => {
+                            acc.cols[d] = inc;
+                            changed = true;
+                        }
+                        Ordering::Less => copy = false,
+                        Ordering::Equal => {}
                     }
                 }
                 if changed {
-                    out.write_field(acc, false);
+                    out.write_field(acc, local, copy.then_some(inc.row() as u32));
                 }
             }
         }
@@ -790,7 +814,10 @@ struct Output {
     rows: Vec<V>,
     /// Field mode: source of each data column of each output row, `[row][d]` flattened.
     cols: Vec<V>,
-    inserted: Vec<bool>,
+    /// Local row of each output row's key (`NONE` if none), and the incoming row it
+    /// copies (`NONE` if it mixes versions).
+    local: Vec<u32>,
+    source: Vec<u32>,
     conflicts: Vec<Conflict>,
     /// Record mode: concurrent `(loser, winner)` pairs not yet in `conflicts`.
     concurrent: Vec<(V, V)>,
@@ -801,7 +828,8 @@ impl Output {
         Self {
             rows: Vec::with_capacity(n),
             cols: Vec::with_capacity(if ctx.mode == MergeMode::Field { n * ctx.data_cols.len() } else { 0 }),
-            inserted: Vec::with_capacity(n),
+            local: Vec::with_capacity(n),
+            source: Vec::with_capacity(n),
             conflicts: Vec::new(),
             concurrent: Vec::new(),
         }
@@ -814,24 +842,28 @@ impl Output {
         for p in parts {
             out.rows.extend(p.rows);
             out.cols.extend(p.cols);
-            out.inserted.extend(p.inserted);
+            out.local.extend(p.local);
+            out.source.extend(p.source);
             out.conflicts.extend(p.conflicts);
         }
         out
     }
 
-    fn write_record(&mut self, v: V, inserted: bool) {
+    /// Record mode: the winner written is always an incoming version.
+    fn write_record(&mut self, v: V, local: Option<u32>) {
         self.rows.push(v);
-        self.inserted.push(inserted);
+        self.local.push(local.unwrap_or(NONE));
+        self.source.push(v.row() as u32);
     }
 
-    fn write_field(&mut self, acc: &Acc, inserted: bool) {
+    fn write_field(&mut self, acc: &Acc, local: Option<u32>, source: Option<u32>) {
         self.rows.push(acc.row);
         self.cols.extend_from_slice(&acc.cols);
-        self.inserted.push(inserted);
+        self.local.push(local.unwrap_or(NONE));
+        self.source.push(source.unwrap_or(NONE));
     }
 
-    fn finish(self, ctx: &Ctx) -> Result<MergeOutput> {
+    fn finish(self, ctx: &Ctx, keys: usize) -> Result<MergeOutput> {
         let schema = union_nullability(&ctx.batches[LOCAL].schema(), &ctx.batches[INCOMING].schema());
         let nd = ctx.data_cols.len();
         let rows_cols = assemble(
@@ -879,8 +911,26 @@ impl Output {
         columns.push(Arc::new(winner_node));
         columns.push(Arc::new(lost));
         let conflicts = RecordBatch::try_new(Arc::new(Schema::new(fields)), columns)?;
-        Ok(MergeOutput { rows, inserted: BooleanArray::from(self.inserted), conflicts })
+        let inserted: BooleanArray = self.local.iter().map(|&l| Some(l == NONE)).collect();
+        Ok(MergeOutput {
+            rows,
+            inserted,
+            local_row: optional_rows(self.local),
+            source: optional_rows(self.source),
+            conflicts,
+            keys,
+        })
     }
+}
+
+/// "No row" in `Output::local` and `Output::source`.
+const NONE: u32 = u32::MAX;
+
+/// Row numbers with `NONE` as null.
+fn optional_rows(rows: Vec<u32>) -> UInt32Array {
+    let valid = NullBuffer::from(rows.iter().map(|&r| r != NONE).collect::<Vec<bool>>());
+    let nulls = (valid.null_count() > 0).then_some(valid);
+    UInt32Array::new(rows.into(), nulls)
 }
 
 /// Field mode: which data column (position in `data_cols`) column `c` belongs to,

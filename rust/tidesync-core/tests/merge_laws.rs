@@ -192,3 +192,27 @@ fn field_mode_merges_disjoint_edits_without_conflict() {
     assert_eq!((rows[0].v, rows[0].s.as_deref(), rows[0].hlc), (Some(9), Some("y"), 30));
     assert_eq!(out.conflicts.num_rows(), 0);
 }
+
+#[test]
+fn field_mode_says_which_rows_copy_an_incoming_version() {
+    // Key "k": local row 0; incoming row 1 changes only s (v's stamp and value equal
+    // the local ones), so the output is a copy of it. Key "m": incoming row 0 changes
+    // v while local keeps the newer s: a mix of both sides, no copy. Key "n" is new.
+    let mut k_local = version("k", 1, 10, "a", None);
+    k_local.hv = Some(10);
+    let mut k_in = k_local.clone();
+    k_in.s = Some("y".into());
+    (k_in.hlc, k_in.node, k_in.base, k_in.hs) = (20, "b".into(), Some(10), Some(20));
+    let mut m_local = version("m", 1, 30, "a", None);
+    (m_local.hv, m_local.hs) = (Some(1), Some(30));
+    let mut m_in = version("m", 2, 20, "b", None);
+    (m_in.hv, m_in.hs) = (Some(20), Some(1));
+    let local = vec![m_local, k_local];
+    let incoming = vec![m_in, k_in, version("n", 3, 5, "b", None)];
+    let out = merge(&to_batch(&local), &to_batch(&incoming), "id", MergeMode::Field).unwrap();
+    let ids: Vec<String> = from_batch(&out.rows).into_iter().map(|r| r.id).collect();
+    assert_eq!(ids, ["m", "k", "n"]);
+    assert_eq!(out.local_row.iter().collect::<Vec<_>>(), [Some(0), Some(1), None]);
+    assert_eq!(out.source.iter().collect::<Vec<_>>(), [None, Some(1), Some(2)]);
+    assert_eq!(out.keys, 3);
+}

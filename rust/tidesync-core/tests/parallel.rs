@@ -56,6 +56,7 @@ fn parallel_equals_sequential() {
         assert!(one.rows.num_rows() > 100_000 && one.conflicts.num_rows() > 1_000, "the data exercises merge");
         assert_eq!(one.rows, two.rows, "{mode:?}");
         assert_eq!(one.inserted, two.inserted, "{mode:?}");
+        assert_eq!((&one.local_row, &one.source, one.keys), (&two.local_row, &two.source, two.keys), "{mode:?}");
         assert_eq!(one.conflicts, two.conflicts, "{mode:?}");
     }
     // Diff of two versions of one table (keys unique on both sides).

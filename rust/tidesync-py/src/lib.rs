@@ -98,6 +98,9 @@ fn diff(
     Ok((table_out(py, d.inserted)?, table_out(py, d.deleted)?, table_out(py, d.updated)?))
 }
 
+/// `merge`'s result: rows, inserted, local_row, source, conflicts, distinct keys.
+type MergeTuple = (Py<PyAny>, Py<PyAny>, Py<PyAny>, Py<PyAny>, Py<PyAny>, usize);
+
 #[pyfunction]
 fn merge(
     py: Python<'_>,
@@ -105,11 +108,18 @@ fn merge(
     incoming: &Bound<'_, PyAny>,
     key: String,
     mode: &str,
-) -> PyResult<(Py<PyAny>, Py<PyAny>, Py<PyAny>)> {
+) -> PyResult<MergeTuple> {
     let mode = mode.parse().map_err(to_pyerr)?;
     let (local, incoming) = (batch_arg(local, "merge(local)")?, batch_arg(incoming, "merge(incoming)")?);
     let out = detached(py, || tidesync_core::merge(&local, &incoming, &key, mode))?;
-    Ok((table_out(py, out.rows)?, array_out(py, Arc::new(out.inserted))?, table_out(py, out.conflicts)?))
+    Ok((
+        table_out(py, out.rows)?,
+        array_out(py, Arc::new(out.inserted))?,
+        array_out(py, Arc::new(out.local_row))?,
+        array_out(py, Arc::new(out.source))?,
+        table_out(py, out.conflicts)?,
+        out.keys,
+    ))
 }
 
 #[pyfunction]
