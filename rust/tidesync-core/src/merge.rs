@@ -12,6 +12,7 @@ use arrow_array::{Array, ArrayRef, BooleanArray, Int64Array, OffsetSizeTrait, Re
 use arrow_buffer::{Buffer, NullBuffer};
 use arrow_ord::ord::{make_comparator, DynComparator};
 use arrow_schema::{DataType, Field, Schema, SortOptions};
+use arrow_select::filter::filter;
 use arrow_select::interleave::interleave;
 use arrow_select::take::take;
 
@@ -953,13 +954,29 @@ fn assemble(
     source: impl Fn(Option<usize>, usize) -> V + Sync,
 ) -> Result<Vec<ArrayRef>> {
     enum Index {
+        /// Every incoming row, in order: the columns are shared, not copied.
+        All,
+        /// Incoming rows in increasing order: `filter` copies runs of rows at once.
+        Filter(BooleanArray),
         Take(UInt32Array),
         Interleave(Vec<(usize, usize)>),
     }
+    let n_incoming = ctx.batches[INCOMING].num_rows();
     let index_for = |part: Option<usize>| {
         let all_incoming = (0..rows.len()).all(|r| source(part, r).side() == INCOMING);
         if all_incoming {
-            Index::Take(UInt32Array::from_iter_values((0..rows.len()).map(|r| source(part, r).row() as u32)))
+            // Keys seen once each come out in incoming order: most applies write a
+            // subsequence of the incoming rows, often all of them.
+            let increasing = (1..rows.len()).all(|r| source(part, r - 1).row() < source(part, r).row());
+            if increasing && rows.len() == n_incoming {
+                Index::All
+            } else if increasing {
+                let mut keep = vec![false; n_incoming];
+                (0..rows.len()).for_each(|r| keep[source(part, r).row()] = true);
+                Index::Filter(BooleanArray::from(keep))
+            } else {
+                Index::Take(UInt32Array::from_iter_values((0..rows.len()).map(|r| source(part, r).row() as u32)))
+            }
         } else {
             Index::Interleave((0..rows.len()).map(|r| source(part, r)).map(|v| (v.side(), v.row())).collect())
         }
@@ -975,6 +992,8 @@ fn assemble(
     let index_of = |c: usize| &indexes[distinct.binary_search(&column_parts[c]).expect("part listed")];
     let out: Vec<Result<ArrayRef>> = par_map(ncols, per_thread, |c| {
         Ok(match index_of(c) {
+            Index::All => ctx.batches[INCOMING].column(c).clone(),
+            Index::Filter(keep) => filter(ctx.batches[INCOMING].column(c), keep)?,
             Index::Take(idx) => take(ctx.batches[INCOMING].column(c), idx, None)?,
             Index::Interleave(idx) => {
                 let arrays = [ctx.batches[LOCAL].column(c).as_ref(), ctx.batches[INCOMING].column(c).as_ref()];

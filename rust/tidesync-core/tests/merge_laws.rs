@@ -216,3 +216,27 @@ fn field_mode_says_which_rows_copy_an_incoming_version() {
     assert_eq!(out.source.iter().collect::<Vec<_>>(), [None, Some(1), Some(2)]);
     assert_eq!(out.keys, 3);
 }
+
+#[test]
+fn rows_written_in_incoming_order_come_out_whole() {
+    // One version per key: the output is the incoming rows that win, in order, whether
+    // some lose (`b`, older than the local row) or all win (the columns are shared).
+    let local = vec![version("a", 1, 10, "x", None), version("b", 2, 30, "x", None)];
+    let some_win =
+        vec![version("a", 3, 20, "y", Some(10)), version("b", 4, 20, "y", Some(30)), version("c", 5, 5, "y", None)];
+    let all_win = vec![version("a", 3, 20, "y", Some(10)), version("c", 5, 5, "y", None)];
+    for mode in [MergeMode::Record, MergeMode::Field] {
+        for (incoming, written) in [(&some_win, vec![0, 2]), (&all_win, vec![0, 1])] {
+            let out = merge(&to_batch(&local), &to_batch(incoming), "id", mode).unwrap();
+            let expect: Vec<Row> = written.iter().map(|&i| incoming[i].clone()).collect();
+            let rows = from_batch(&out.rows);
+            assert_eq!(
+                rows.iter().map(|r| &r.id).collect::<Vec<_>>(),
+                expect.iter().map(|r| &r.id).collect::<Vec<_>>()
+            );
+            assert_eq!((rows[0].v, rows[1].v), (expect[0].v, expect[1].v), "{mode:?}");
+            let sources: Vec<Option<u32>> = out.source.iter().collect();
+            assert_eq!(sources, written.iter().map(|&i| Some(i as u32)).collect::<Vec<_>>(), "{mode:?}");
+        }
+    }
+}
