@@ -1,5 +1,6 @@
 """pytest-benchmark face of benches/verify_bench.py (verify of two copies that differ in
-100 rows, vs a full pull of the same tables).
+100 rows, vs a full pull of the same tables; the timed verifies are warm: central's data
+does not change between them, so it answers from its kept read).
 
     python -m pytest benches/test_verify_bench.py --benchmark-only   # TIDESYNC_BENCH_ROWS vitals
     python -m pytest -q benches --benchmark-disable                  # smoke: 2k vitals, each once
@@ -55,3 +56,6 @@ def test_verify_bench_script_smoke() -> None:
     out = verify_bench.run(2_000, differ=20, repeats=1, say=lambda *_: None)
     assert out["verify"]["exact"] and out["verify_after"]["differences"] == 0
     assert out["verify"]["bytes"] < out["full_pull"]["bytes"]
+    # Cold: a restarted central reads its copy; warm: it answers from its kept read.
+    assert out["verify"]["tables_reused"] == 0
+    assert out["verify_warm"]["exact"] and out["verify_warm"]["tables_reused"] > 0

@@ -15,7 +15,7 @@ import json
 import sys
 import time
 from pathlib import Path
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
 import click
@@ -514,14 +514,16 @@ def _progress(console: Any, quiet: bool) -> Any:
 
 
 @contextlib.contextmanager
-def _rows_progress(console: Any, quiet: bool) -> Any:
-    """Rich progress bars for bulk work counted in rows or bytes: done/total, rate, ETA
-    (a total of 0 means not known yet: the bar then just counts)."""
+def _rows_progress(console: Any, quiet: bool, units: Mapping[str, str] | None = None) -> Any:
+    """Rich progress bars for work counted in rows, bytes or steps: done/total, rate, ETA
+    (a total of 0 means not known yet: the bar then just counts). ``units``: the unit of
+    each kind of work by its name (default: bytes for downloads and checks, else rows)."""
     if quiet:
         yield lambda what, done, total: None
         return
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+    unit_of = {"download": "B", "check": "B", **(units or {})}
     rate = TextColumn("{task.fields[rate]}")
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), rate, TimeRemainingColumn(),
                   console=console, transient=True) as bar:  # fmt: skip
@@ -532,7 +534,7 @@ def _rows_progress(console: Any, quiet: bool) -> Any:
                 tasks[what] = bar.add_task(what, total=total or None, rate="")
             task = tasks[what]
             speed = bar.tasks[task].speed  # rich's own moving average
-            unit = "B" if what in ("download", "check") else "rows"
+            unit = unit_of.get(what, "rows")
             bar.update(task, completed=done, total=total or None, rate=f"{speed:,.0f} {unit}/s" if speed else "")
 
         yield step
@@ -839,8 +841,10 @@ def export_cmd(db: str, to: str, tables: str | None, with_metadata: bool, overwr
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout (progress on stderr).")
 @click.option("--central", "url", default=None,
               help="The central server's URL, if not the one `node init` saved (the node's token is used).")
+@click.option("--fresh", is_flag=True,
+              help="Make central read its copy again even where it could reuse a recent read it proves unchanged.")
 @_schema_option
-def verify_cmd(db: str, repair: bool, tables: tuple[str, ...], as_json: bool, url: str | None,
+def verify_cmd(db: str, repair: bool, tables: tuple[str, ...], as_json: bool, url: str | None, fresh: bool,
                schema_name: str) -> None:  # fmt: skip
     """Compare this node's data with the central server's copy by range digests, and list
     the rows that differ; --repair rewrites exactly those from central's copy.
@@ -853,8 +857,9 @@ def verify_cmd(db: str, repair: bool, tables: tuple[str, ...], as_json: bool, ur
 
     console = Console(stderr=True)
     with open_store(db, _registry(schema_name)) as store, sync_client.client_for(store, url=url) as central:
-        with _verify_progress(console, as_json) as step:
-            report = verify_node(store, central, repair=repair, progress=step, tables=list(tables) or None)
+        with _rows_progress(console, as_json, {"tables": "tables", "repair": "steps"}) as step:
+            report = verify_node(store, central, repair=repair, progress=step, tables=list(tables) or None,
+                                 fresh=fresh)  # fmt: skip
     if as_json:
         click.echo(json.dumps(report.as_dict(), default=str))
     else:
@@ -862,26 +867,6 @@ def verify_cmd(db: str, repair: bool, tables: tuple[str, ...], as_json: bool, ur
     if report.unrepaired:
         hint = "" if repair else ": run again with --repair to rewrite them from central's copy"
         raise _Failure(f"{report.unrepaired} difference(s) with central's copy remain{hint}")
-
-
-@contextlib.contextmanager
-def _verify_progress(console: Any, quiet: bool) -> Any:
-    """Rich progress bars for tables checked and repair steps (nothing when printing JSON)."""
-    if quiet:
-        yield None
-        return
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=console, transient=True) as bar:  # fmt: skip
-        tasks: dict[str, Any] = {}
-
-        def step(what: str, done: int, total: int) -> None:
-            if what not in tasks:
-                tasks[what] = bar.add_task("tables checked" if what == "tables" else f"{what} steps", total=total)
-            bar.update(tasks[what], completed=done, total=total)
-
-        yield step
 
 
 def _show_verify(report: Any, shown: int = 20) -> None:

@@ -9,15 +9,41 @@ central servers) and ``tidesync.sqlite.SQLiteStore`` (mobile devices) implement 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
+from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING, Protocol
 
 import pyarrow as pa
 
-from tidesync.changes import NO_OPTIONS, ApplyOptions, ApplyResult, Window
+from tidesync.changes import NO_OPTIONS, ApplyOptions, ApplyPlan, ApplyResult, TableApplyStats, Window
 from tidesync.registry import Registry
 
 if TYPE_CHECKING:  # tidesync.quarantine imports this module (through review)
     from tidesync.quarantine import RetryOutcome
+
+
+class VerbatimWrite(Protocol):
+    """One write transaction of :meth:`Store.write_verbatim`: versions put in place as
+    they are, without merging (stamps can be equal while values differ, so a merge could
+    keep the damaged copy), marked with the transaction's ``origin`` so the next push does
+    not send them back. ``tidesync verify --repair`` writes central's copies with it."""
+
+    def current(self, table: str, keys: pa.Array) -> pa.Table:
+        """The local versions of ``keys`` (live rows, else tombstones; wire schema),
+        locked against application writes until the transaction ends."""
+
+    def set_aside(self, table: str, rows: pa.Table, reason: str) -> list[int]:
+        """Keep live wire ``rows`` whole in the quarantine with ``reason`` (no peer), then
+        delete them without a tombstone (call children before parents); returns the new
+        quarantine entry ids."""
+
+    def upsert(self, plan: ApplyPlan, stats: TableApplyStats) -> None:
+        """Write ``plan.inserts`` (their tombstones, ``plan.revived``, go) and
+        ``plan.updates`` as they are (call parents before children). Rows the database
+        refuses go to the quarantine with the reason, counted in ``stats``."""
+
+    def delete(self, plan: ApplyPlan, stats: TableApplyStats) -> None:
+        """Delete the live rows of ``plan.deletes`` and record those tombstones as they
+        are (call children before parents)."""
 
 
 class Store(Protocol):
@@ -109,6 +135,11 @@ class Store(Protocol):
     def clock_ms(self) -> int:
         """The database's clock (the one its capture triggers stamp with), in Unix ms.
         The sync client reports it so the central server can measure the node's skew."""
+
+    def write_verbatim(self, origin: str) -> AbstractContextManager[VerbatimWrite]:
+        """One transaction that writes versions as they are, bypassing the merge, marked
+        as coming from ``origin`` (see :class:`VerbatimWrite`); committed when the block
+        ends (deferred constraints checked then), rolled back if it raises."""
 
 
 def open_store(db: str, registry: Registry, *, create: bool = False) -> Store:

@@ -12,6 +12,7 @@ from click.testing import CliRunner
 
 from tidesync.errors import AuthError, ProtocolError, SchemaMismatchError, SyncError
 from tidesync.sync import verify as verify_mod
+from tidesync.sync.verify import hashing, messages, scope_cache
 from tidesync.sync.client import CentralClient
 from tidesync.sync.local import LocalNode
 from tidesync.sync.protocol import ForbiddenError, SessionError, fingerprint
@@ -101,7 +102,7 @@ def test_facility_corrupted_behind_the_engine_is_found_exactly_and_repaired(
     """The acceptance test: values changed, rows deleted and a stray row inserted on a
     facility with its triggers off; verify finds exactly those keys, repair fixes them,
     a second verify finds nothing, and the next sync sends nothing back to central."""
-    monkeypatch.setattr(verify_mod, "ROWS_PER_BUCKET", rows_per_bucket)  # 2: many buckets, most of them equal
+    monkeypatch.setattr(hashing, "ROWS_PER_BUCKET", rows_per_bucket)  # 2: many buckets, most of them equal
     a, net = network.a, network.net
     people = care(network, a, patients=4)
     a.sync()
@@ -289,6 +290,10 @@ def test_bad_requests_get_clear_errors(network: Net) -> None:
         _raw(a, "/v1/verify/rows", {**good, "buckets": 4, "differing": [4]})
     with pytest.raises(ProtocolError, match="'exclude' must be a list"):
         _raw(a, "/v1/verify/digest", {**good, "exclude": "x"})
+    with pytest.raises(ProtocolError, match="'fresh' must be true or false"):
+        _raw(a, "/v1/verify/digest", {**good, "fresh": "yes"})
+    with pytest.raises(ProtocolError, match="'read' must be the id"):
+        _raw(a, "/v1/verify/rows", {**good, "buckets": 4, "differing": [1], "read": 7})
     answer, meta = verify_mod.decode_message(_raw(a, "/v1/verify/digest", {**good, "buckets": 8}).content, "digest")
     assert answer.num_rows == 8 and meta["buckets"] == 8 and meta["rows"] == 0
     with pytest.raises(ProtocolError, match="no JSON parameters"):
@@ -304,7 +309,7 @@ def test_sync_first_when_too_much_is_pending(network: Net, monkeypatch: pytest.M
     a, net = network.a, network.net
     care(network, a, patients=2)
     a.sync()
-    monkeypatch.setattr(verify_mod, "MAX_PENDING", 2)
+    monkeypatch.setattr(messages, "MAX_PENDING", 2)
     sql(a, *[f"UPDATE vitals SET heart_rate = heart_rate + 1 WHERE id = '{r[0]}'"
              for r in query(a, "SELECT id FROM vitals LIMIT 3")])  # fmt: skip
     with pytest.raises(SyncError, match="wait to be pushed from this node .* run `tidesync sync` first"):
@@ -333,7 +338,178 @@ def test_cli_verify_and_repair(network: Net) -> None:
     fixed = runner.invoke(main, ["verify", "--db", a.db, "--repair"])
     assert fixed.exit_code == 0, fixed.output
     assert "repaired" in fixed.output
-    clean = runner.invoke(main, ["verify", "--db", a.db, "--central", network.net.url])
+    clean = runner.invoke(main, ["verify", "--db", a.db, "--central", network.net.url, "--fresh"])
     assert clean.exit_code == 0 and "no differences" in clean.output, clean.output
     nowhere = runner.invoke(main, ["verify", "--db", a.db, "--central", "http://127.0.0.1:9"])
     assert nowhere.exit_code == 1 and "cannot reach the central server at http://127.0.0.1:9" in nowhere.output
+
+
+# ----------------------------------------------------------------------------- central's kept reads
+
+
+def _vitals(report: VerifyReport) -> Any:
+    return next(t for t in report.tables if t.table == "vitals")
+
+
+def test_central_reuses_its_read_only_while_nothing_it_depends_on_changed(network: Net) -> None:
+    """A verify right after another one is answered from central's kept read; any write
+    at central to the table or to what its scope depends on, through the engine or
+    behind its back (stamps and `_cursor` untouched), makes central read afresh, so
+    nothing a fresh read would find is missed."""
+    a, net = network.a, network.net
+    (p1, e1, v1), (p2, e2, v2) = care(network, a, patients=2)
+    a.sync()
+    first = verify(a)
+    assert first.clean and not _vitals(first).central_reused
+    again = verify(a)
+    assert again.clean and _vitals(again).central_reused
+    assert {t.table for t in again.tables if t.central_reused} >= {"patients", "encounters", "vitals"}
+    assert a.client is not None
+    fresh = verify_node(a.store, a.client, fresh=True)  # `verify --fresh`: central reads again
+    assert fresh.clean and not any(t.central_reused for t in fresh.tables)
+
+    # Central's copy changed behind the engine's back: the node's copy now differs.
+    sql(net, "SET LOCAL session_replication_role = replica",
+        f"UPDATE vitals SET heart_rate = heart_rate + 5 WHERE id = '{v1[0]}'")  # fmt: skip
+    changed = verify(a)
+    assert not _vitals(changed).central_reused and changed.keys("differs") == {v1[0]}
+    assert _vitals(verify(a)).central_reused  # nothing changed since that read
+    # A row deleted at central behind the engine's back (no tombstone, one row fewer).
+    sql(net, "SET LOCAL session_replication_role = replica", f"DELETE FROM vitals WHERE id = '{v1[1]}'")
+    gone = verify(a)
+    assert not _vitals(gone).central_reused
+    assert gone.keys("only_here") == {v1[1]} and gone.keys("differs") == {v1[0]}
+
+    # The marks decide the scope of patient-scoped tables: a change there counts too.
+    assert _vitals(verify(a)).central_reused
+    sql(net, "SET LOCAL session_replication_role = replica",
+        f"UPDATE patient_facilities SET facility_id = facility_id WHERE patient_id = '{p2}'")  # fmt: skip
+    marks = verify(a)
+    assert not _vitals(marks).central_reused and marks.keys("differs") == {v1[0]}
+
+    # A write through the engine (pending for the node): found at once by `_cursor`.
+    sql(net, f"UPDATE vitals SET heart_rate = 88 WHERE id = '{v2[0]}'")
+    pending = verify(a)
+    assert not _vitals(pending).central_reused and pending.keys("differs") == {v1[0]}
+
+    # After a sync (a new pull cursor) central reads afresh; repair leaves a clean copy.
+    a.sync()
+    assert not _vitals(verify(a)).central_reused
+    assert verify(a, repair=True).unrepaired == 0
+    after = verify(a)
+    assert after.clean and _vitals(after).central_reused
+
+
+def test_a_drill_down_after_a_central_write_still_classifies_right(
+    network: Net, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Central answers the drill-down from the read its digest came from; rows written
+    at central in between are then found pending (left for the next pull) by the per-key
+    check, and the real difference is still found exactly."""
+    a, net = network.a, network.net
+    (p1, e1, v1), (p2, e2, v2) = care(network, a, patients=2)
+    a.sync()
+    behind_the_back_pg(a, *[f"UPDATE vitals SET heart_rate = heart_rate + 1 WHERE id = '{v}'"
+                            for v in (v1[0], v1[1], v2[0])])  # fmt: skip
+    served = verify_mod.serve_rows
+    answers: list[dict[str, Any]] = []
+
+    def write_then_serve(store: Any, node: Any, body: Any) -> bytes:
+        if body["table"] == "vitals" and not answers:
+            sql(net, f"UPDATE vitals SET heart_rate = 99 WHERE id = '{v1[1]}'",  # changed at central meanwhile
+                f"DELETE FROM vitals WHERE id = '{v2[0]}'",  # deleted at central meanwhile
+                f"UPDATE vitals SET heart_rate = 98 WHERE id = '{v2[1]}'")  # not corrupted here  # fmt: skip
+        data = served(store, node, body)
+        answers.append(verify_mod.decode_message(data, "rows")[1])
+        return data
+
+    monkeypatch.setattr(verify_mod, "serve_rows", write_then_serve)
+    report = verify(a)
+    assert answers and answers[0]["reread"] is False  # from the digest's own read
+    assert report.keys("differs") == {v1[0]} and report.differences == 1
+    assert _vitals(report).pending_central == 2  # v1[1] and v2[0]: the next pull brings them
+    monkeypatch.undo()
+    a.sync()
+    final = verify(a, repair=True)
+    assert final.keys("differs") == {v1[0]} and final.unrepaired == 0
+    assert verify(a).clean
+
+
+def test_without_a_kept_read_central_reads_the_scope_again(network: Net, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No memory for kept reads (or the drill-down reaching another server process):
+    the same answers, central reads the keys of the scope again to drill down."""
+    monkeypatch.setenv(scope_cache.BUDGET_ENV, "0")
+    a = network.a
+    (p1, e1, v1), = care(network, a, patients=1)
+    a.sync()
+    behind_the_back_pg(a, f"UPDATE vitals SET heart_rate = 1 WHERE id = '{v1[0]}'")
+    served = verify_mod.serve_rows
+    answers: list[dict[str, Any]] = []
+
+    def spy(store: Any, node: Any, body: Any) -> bytes:
+        data = served(store, node, body)
+        answers.append(verify_mod.decode_message(data, "rows")[1])
+        return data
+
+    monkeypatch.setattr(verify_mod, "serve_rows", spy)
+    first, second = verify(a), verify(a)
+    assert first.keys("differs") == second.keys("differs") == {v1[0]}
+    assert not any(t.central_reused for t in second.tables)
+    assert answers and all(ans["reread"] for ans in answers)
+
+
+def test_large_tables_are_read_over_several_connections(network: Net, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Both sides split a large table's blocks between connections sharing one snapshot
+    (forced here on small tables): the same differences, found exactly."""
+    from tidesync.sync.verify import central_side, pg_scan
+
+    monkeypatch.setattr(pg_scan, "SPLIT_BLOCKS", 0)
+    monkeypatch.setattr(central_side, "READERS", 3)
+    monkeypatch.setenv(scope_cache.BUDGET_ENV, "0")  # central reads every time
+    opened: list[int] = []
+    helpers = pg_scan.SharedSnapshot.helpers
+
+    def counting(self: pg_scan.SharedSnapshot, n: int) -> list[Any]:
+        opened.append(n)
+        return helpers(self, n)
+
+    monkeypatch.setattr(pg_scan.SharedSnapshot, "helpers", counting)
+    a = network.a
+    people = care(network, a, patients=3)
+    a.sync()
+    (p1, e1, v1), (p2, e2, v2), _ = people
+    behind_the_back_pg(a, f"UPDATE vitals SET heart_rate = heart_rate + 1 WHERE id = '{v1[0]}'",
+                       f"UPDATE encounters SET reason = 'x' WHERE id = '{e2}'", f"DELETE FROM vitals WHERE id = '{v2[2]}'")
+    report = verify(a)
+    assert report.keys("differs") == {v1[0], e2} and report.keys("missing_here") == {v2[2]}
+    assert _vitals(report).rows_central == 9 and _vitals(report).rows_here == 8
+    assert 1 in opened and 2 in opened  # the node's second reader, central's two more
+    assert pg_scan.block_ranges(10, 3) == ["t.ctid < '(4,0)'::tid", "t.ctid >= '(4,0)'::tid AND t.ctid < '(8,0)'::tid",
+                                           "t.ctid >= '(8,0)'::tid"]  # fmt: skip
+
+
+def test_kept_reads_stay_within_their_memory_budget(monkeypatch: pytest.MonkeyPatch) -> None:
+    import numpy as np
+    import pyarrow as pa
+
+    def entry(rows: int) -> scope_cache.ScopeRead:
+        return scope_cache.ScopeRead(keys=pa.array(np.arange(rows, dtype=np.int64)),
+                                     buckets=np.zeros(rows, np.uint32), hashes=np.zeros(rows, np.uint64),
+                                     xmin=3, counts={})  # fmt: skip
+
+    cache = scope_cache.ScopeCache()
+    monkeypatch.setenv(scope_cache.BUDGET_ENV, str(100 * 20 * 2.5 / 2**20))  # room for 250 rows of 20 bytes
+    key = ("db", "node", "facility", "vitals", 7)
+    assert cache.put(key, entry(100)) and cache.put(key[:4] + (8,), entry(100))
+    assert cache.get(key) is not None  # now the most recently used
+    assert cache.put(key[:4] + (9,), entry(100))  # the least recently used one goes
+    assert cache.get(key[:4] + (8,)) is None and cache.get(key) is not None and len(cache) == 2
+    assert not cache.put(("db", "node", "facility", "patients", 7), entry(300))  # larger than the budget
+    monkeypatch.setattr(scope_cache, "IDLE_SECONDS", -1)
+    assert cache.get(key) is None and len(cache) == 0
+    # However current it can be proved, a read is not reused past its maximum age
+    # (damage below PostgreSQL leaves no xmin to see): no query is even made.
+    old = entry(1)
+    old.counts = {"vitals": 1}
+    old.made -= scope_cache.MAX_AGE_SECONDS + 1
+    assert not scope_cache.unchanged_since(None, old, ["vitals"])

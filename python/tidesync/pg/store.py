@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+import contextlib
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import pyarrow as pa
 
-from tidesync.changes import NO_OPTIONS, ApplyOptions, ApplyResult, Window
+from tidesync.changes import NO_OPTIONS, ApplyOptions, ApplyPlan, ApplyResult, TableApplyStats, Window
 from tidesync.errors import NotInstalledError, SyncError
 from tidesync.pg import apply as _apply
 from tidesync.pg import capture, install
 from tidesync.pg.conn import connect
-from tidesync.pg.install import SCHEMA, qi, ql
+from tidesync.pg.install import SCHEMA, qi, ql, tomb_table
 from tidesync.quarantine import RetryOutcome, discard_in, retry_in
 from tidesync.registry import Registry
 
@@ -197,3 +198,57 @@ class PostgresStore:
         with self._conn.cursor() as cur:
             cur.execute("SELECT (date_part('epoch', clock_timestamp()) * 1000)::bigint")
             return int(cur.fetchone()[0])
+
+    @contextlib.contextmanager
+    def write_verbatim(self, origin: str) -> Iterator[PostgresVerbatimWrite]:
+        """One transaction writing versions as they are (:class:`tidesync.store.VerbatimWrite`).
+
+        It runs as an apply does (``tidesync.applying`` on: the capture triggers stand
+        aside, a delete leaves no tombstone of its own; constraints deferred to the end)
+        with the writers of :mod:`tidesync.pg.apply`."""
+        from tidesync.pg.conn import transaction
+
+        with transaction(self._conn) as cur:
+            _apply._apply_settings(cur)
+            yield PostgresVerbatimWrite(cur, self.registry, origin)
+            cur.execute("SET CONSTRAINTS ALL IMMEDIATE")
+
+
+class PostgresVerbatimWrite:
+    """The statements of :meth:`PostgresStore.write_verbatim`, on its transaction's cursor."""
+
+    def __init__(self, cur: Any, registry: Registry, origin: str) -> None:
+        self.cur, self.registry, self.origin = cur, registry, origin
+
+    def current(self, table: str, keys: pa.Array) -> pa.Table:
+        return _apply.read_local(self.cur, self.registry[table], pa.chunked_array([keys]), lock=True)
+
+    def set_aside(self, table: str, rows: pa.Table, reason: str) -> list[int]:
+        spec, cur = self.registry[table], self.cur
+        if rows.num_rows == 0:
+            return []
+        cur.execute(f"SELECT coalesce(max(id), 0) FROM {SCHEMA}.quarantine")
+        mark = int(cur.fetchone()[0])
+        _apply._quarantine(cur, spec, rows, [(reason, i) for i in range(rows.num_rows)], None, NO_OPTIONS)
+        _apply._stage(cur, spec, pa.table({spec.key: rows.column(spec.key)}), key_only=True)
+        k = qi(spec.key)
+        cur.execute(f"DELETE FROM {qi(spec.name)} t USING {_apply.KEYS} s WHERE t.{k} = s.{k}")
+        # A row still referenced fails here, by name, rather than in a later write.
+        cur.execute("SET CONSTRAINTS ALL IMMEDIATE")
+        cur.execute("SET CONSTRAINTS ALL DEFERRED")
+        cur.execute(f"SELECT id FROM {SCHEMA}.quarantine WHERE id > {mark} AND table_name = {ql(spec.name)} "
+                    f"AND reason = {ql(reason)} ORDER BY id")  # fmt: skip
+        return [int(r[0]) for r in cur.fetchall()]
+
+    def upsert(self, plan: ApplyPlan, stats: TableApplyStats) -> None:
+        spec, cur, write = plan.spec, self.cur, _apply._write
+        stats.inserted += write(cur, spec, plan.inserts, self.origin, NO_OPTIONS, stats, _apply._insert_rows)
+        if len(plan.revived):
+            _apply._stage(cur, spec, pa.table({spec.key: plan.revived}), key_only=True)
+            k = qi(spec.key)
+            cur.execute(f"DELETE FROM {tomb_table(spec)} t USING {_apply.KEYS} s WHERE t.{k} = s.{k}")
+        stats.updated += write(cur, spec, plan.updates, self.origin, NO_OPTIONS, stats, _apply._update_rows)
+
+    def delete(self, plan: ApplyPlan, stats: TableApplyStats) -> None:
+        stats.deleted += _apply._write(self.cur, plan.spec, plan.deletes, self.origin, NO_OPTIONS, stats,
+                                       _apply._delete_rows)  # fmt: skip

@@ -2,14 +2,25 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 import pyarrow as pa
 
-from tidesync.changes import NO_OPTIONS, ApplyOptions, ApplyResult, Window, conform, key_texts
+from tidesync.changes import (
+    NO_OPTIONS,
+    ApplyOptions,
+    ApplyPlan,
+    ApplyResult,
+    TableApplyStats,
+    Window,
+    conform,
+    key_texts,
+)
 from tidesync.errors import NotInstalledError
 from tidesync.quarantine import RetryOutcome, discard_in, retry_in
 from tidesync.registry import LogicalType, Registry
@@ -79,6 +90,11 @@ class SQLiteStore:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.close()
+
+    @property
+    def connection(self) -> Connection:
+        """The store's own connection (one SQLite library per process: read through it)."""
+        return self._conn
 
     def create_app_tables(self) -> None:
         """Create the demo application's tables from its shipped DDL (demo schema only)."""
@@ -263,3 +279,62 @@ class SQLiteStore:
         """SQLite's ``julianday('now')`` in Unix ms: the clock the capture triggers stamp
         with (``capture.NOW_HLC`` without its shift)."""
         return int(self._conn.scalar("SELECT CAST(ROUND((julianday('now') - 2440587.5) * 86400000.0) AS INTEGER)"))
+
+    @contextlib.contextmanager
+    def write_verbatim(self, origin: str) -> Iterator[SQLiteVerbatimWrite]:
+        """One ``BEGIN IMMEDIATE`` transaction writing versions as they are
+        (:class:`tidesync.store.VerbatimWrite`) with the writers of
+        :mod:`tidesync.sqlite.apply`; rows carry a fresh change counter, which keeps the
+        capture triggers out. Refused versions reach the quarantine before the commit."""
+        infos = self._table_infos()
+        with self._conn.transaction("IMMEDIATE"):
+            writer = SQLiteVerbatimWrite(self._conn, self.registry, infos, origin)
+            yield writer
+            _apply._log_quarantine(self._conn, writer.refused)
+
+
+class SQLiteVerbatimWrite:
+    """The statements of :meth:`SQLiteStore.write_verbatim`, inside its transaction."""
+
+    def __init__(self, conn: Connection, registry: Registry, infos: Mapping[str, TableInfo], origin: str) -> None:
+        self.conn, self.registry, self.infos, self.origin = conn, registry, infos, origin
+        conn.execute("PRAGMA defer_foreign_keys = ON")
+        conn.execute(f"UPDATE {quote(names.CLOCK)} SET value = value + 1")
+        self.change = int(conn.scalar(f"SELECT value FROM {quote(names.CLOCK)}"))
+        self.refused = _apply._Quarantined(origin, NO_OPTIONS)
+        self._children: dict[str, Any] | None = None
+
+    def current(self, table: str, keys: pa.Array) -> pa.Table:
+        spec = self.registry[table]
+        return _apply.read_local(self.conn, spec, pa.table({spec.key: keys}))
+
+    def set_aside(self, table: str, rows: pa.Table, reason: str) -> list[int]:
+        spec = self.registry[table]
+        if rows.num_rows == 0:
+            return []
+        mark = int(self.conn.scalar(f"SELECT coalesce(max(id), 0) FROM {quote(names.QUARANTINE)}"))
+        kept = _apply._Quarantined(None, NO_OPTIONS)
+        kept.add(spec, rows, [reason] * rows.num_rows)
+        _apply._log_quarantine(self.conn, kept)
+        texts = key_texts(spec, rows.column(spec.key))
+        t, k, tomb = quote(spec.name), quote(spec.key), quote(names.tombstones(spec.name))
+        for i in range(0, len(texts), 500):
+            part = texts[i : i + 500]
+            marks = ", ".join("?" * len(part))
+            self.conn.execute(f"DELETE FROM main.{t} WHERE {k} IN ({marks})", part)
+            # The delete trigger left tombstones: setting a row aside is not a deletion to sync.
+            self.conn.execute(f"DELETE FROM main.{tomb} WHERE {k} IN ({marks})", part)
+        got = self.conn.rows(f"SELECT id FROM {quote(names.QUARANTINE)} WHERE id > ? AND table_name = ? ORDER BY id",
+                             [mark, spec.name])  # fmt: skip
+        return [int(r[0]) for r in got]
+
+    def upsert(self, plan: ApplyPlan, stats: TableApplyStats) -> None:
+        if plan.inserts.num_rows or plan.updates.num_rows:
+            _apply._write_upserts(self.conn, plan, self.infos[plan.spec.name], self.change, stats, self.refused)
+
+    def delete(self, plan: ApplyPlan, stats: TableApplyStats) -> None:
+        if not plan.deletes.num_rows:
+            return
+        if self._children is None:
+            self._children = _apply._referencing(self.conn)
+        _apply._write_deletes(self.conn, plan, self._children, self.change, stats, self.refused)
