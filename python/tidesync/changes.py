@@ -76,15 +76,18 @@ def _storage(arr: pa.ChunkedArray | pa.Array) -> pa.ChunkedArray | pa.Array:
     return arr
 
 
-def conform(table: pa.Table | pa.RecordBatch, spec: TableSpec, what: str = "batch") -> pa.Table:
-    """Cast a batch to ``spec``'s wire schema, or raise a clear SchemaMismatchError.
+def conform(
+    table: pa.Table | pa.RecordBatch, spec: TableSpec, what: str = "batch", *, schema: pa.Schema | None = None
+) -> pa.Table:
+    """Cast a batch to ``spec``'s wire schema (or ``schema``, a part of it), or raise a
+    clear SchemaMismatchError.
 
     Columns are matched by name (order does not matter); a missing or unknown column,
     or a type that does not cast safely, is an error for the whole batch.
     """
     if isinstance(table, pa.RecordBatch):
         table = pa.Table.from_batches([table])
-    wire = spec.wire_schema()
+    wire = spec.wire_schema() if schema is None else schema
     have = set(table.column_names)
     missing = [f.name for f in wire if f.name not in have]
     extra = sorted(have - set(wire.names))

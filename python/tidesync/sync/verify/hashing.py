@@ -15,9 +15,8 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from tidesync.changes import _storage
+from tidesync.changes import _storage, conform
 from tidesync.core import row_hashes
-from tidesync.errors import SchemaMismatchError
 from tidesync.registry import DELETED, TableSpec
 
 #: Rows per bucket central aims for. Bytes moved are about ``10 B × rows / this`` down
@@ -59,21 +58,7 @@ def hashed_select(spec: TableSpec, query: str) -> str:
 def conform_hashed(batch: pa.RecordBatch | pa.Table, spec: TableSpec, what: str) -> pa.Table:
     """``batch`` (the columns of :func:`hashed_schema`, as a database gave them) in the
     wire types, so both sides hash identical Arrow values for identical content."""
-    schema = hashed_schema(spec)
-    if batch.schema.names != schema.names:
-        raise SchemaMismatchError(f"{what} for table {spec.name!r}: columns {batch.schema.names}, "
-                                  f"expected {schema.names}")  # fmt: skip
-    cols = []
-    for f, col in zip(schema, batch.columns, strict=True):
-        col = _storage(col)
-        if col.type != f.type:
-            try:
-                col = col.cast(f.type)
-            except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
-                raise SchemaMismatchError(f"{what} for table {spec.name!r}: column {f.name!r} is {col.type}, "
-                                          f"expected {f.type} ({exc})") from None  # fmt: skip
-        cols.append(col)
-    return pa.Table.from_arrays(cols, schema=schema)
+    return conform(batch, spec, what, schema=hashed_schema(spec))
 
 
 def hash_rows(spec: TableSpec, rows: pa.Table) -> pa.Table:
