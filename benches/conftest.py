@@ -15,6 +15,9 @@ import pyarrow as pa
 import pytest
 
 from tidesync.bench import data
+from tidesync.memory import prefer_jemalloc
+
+prefer_jemalloc()  # as the `tidesync` command does
 
 DEFAULT_ROWS = 200_000
 SMOKE_ROWS = 2_000

@@ -50,6 +50,9 @@ class _Group(click.Group):
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 def main() -> None:
     """tidesync: offline-first sync for health records."""
+    from tidesync.memory import prefer_jemalloc
+
+    prefer_jemalloc()
 
 
 @main.command()

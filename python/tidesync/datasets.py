@@ -130,7 +130,7 @@ def import_table(
     file, row and column at fault; nothing is written then.
     """
     from tidesync.pg import PostgresStore
-    from tidesync.pg.conn import transaction
+    from tidesync.pg.conn import ingest, transaction
 
     started = time.perf_counter()
     file = Path(path)
@@ -166,7 +166,7 @@ def import_table(
             arrays = [_column(part.column(c.name), c, catalog, spec, name, offset) for c in columns]
             rows = np.arange(offset + 1, offset + part.num_rows + 1, dtype=np.int64)
             staged = pa.table([*arrays, pa.array(rows)], names=[*(c.name for c in columns), ROW])
-            cur.adbc_ingest(STAGE, staged, mode="append", temporary=True)
+            ingest(cur, STAGE, staged, temporary=True)
             done += part.num_rows
             step("check and stage", done, total)
         del frame

@@ -50,7 +50,7 @@ from tidesync.changes import (
 from tidesync.errors import SchemaMismatchError, SyncError
 from tidesync.pg import bulk_load
 from tidesync.pg.capture import wire_columns
-from tidesync.pg.conn import transaction
+from tidesync.pg.conn import ingest, transaction
 from tidesync.pg.install import APPLYING_GUC, SCHEMA, qi, ql, tomb_table, upgrade_quarantine
 from tidesync.quarantine import ENTRY_COLUMNS, Entry, RetryOutcome, stored_versions
 from tidesync.registry import BASE_HLC, DELETED, HLC, NODE, Registry, TableSpec, stamp_column
@@ -261,7 +261,7 @@ def _stage(cur: Any, spec: TableSpec, table: pa.Table, *, key_only: bool = False
             f"FROM {qi(spec.name)} WITH NO DATA"
         )
     if table.num_rows:
-        cur.adbc_ingest(name, table, mode="append", temporary=True)
+        ingest(cur, name, table, temporary=True)
         cur.execute(f"ANALYZE {name}")  # temp tables have no statistics; the joins need them
 
 
@@ -376,7 +376,7 @@ def _data_names(spec: TableSpec) -> list[str]:
 def _insert_rows(cur: Any, spec: TableSpec, rows: pa.Table) -> None:
     # Straight into the table with binary COPY; `_cursor` takes its default, this
     # transaction's id, and the capture triggers stand aside while applying.
-    cur.adbc_ingest(spec.name, rows, mode="append")
+    ingest(cur, spec.name, rows)
 
 
 def _update_rows(cur: Any, spec: TableSpec, rows: pa.Table) -> None:
@@ -395,7 +395,7 @@ def _delete_rows(cur: Any, spec: TableSpec, rows: pa.Table) -> None:
         f"CREATE TEMP TABLE {STAGE} ON COMMIT DROP AS SELECT {k}, _hlc, _node, _base_hlc, _origin "
         f"FROM {tomb_table(spec)} WITH NO DATA"
     )
-    cur.adbc_ingest(STAGE, rows, mode="append", temporary=True)
+    ingest(cur, STAGE, rows, temporary=True)
     cur.execute(f"DELETE FROM {qi(spec.name)} t USING {STAGE} s WHERE t.{k} = s.{k}")
     cur.execute(
         f"INSERT INTO {tomb_table(spec)} AS t ({k}, _hlc, _node, _base_hlc, _origin) "
@@ -428,7 +428,7 @@ def _log_conflicts(cur: Any, spec: TableSpec, plan: ApplyPlan, peer: str | None)
         "CREATE TEMP TABLE _tidesync_conflicts (key text, loser_hlc bigint, loser_node text, winner_hlc bigint, "
         "winner_node text, lost text, row_data text) ON COMMIT DROP"
     )
-    cur.adbc_ingest("_tidesync_conflicts", table, mode="append", temporary=True)
+    ingest(cur, "_tidesync_conflicts", table, temporary=True)
     cur.execute(
         f"INSERT INTO {SCHEMA}.conflicts (table_name, key, loser_hlc, loser_node, winner_hlc, winner_node, "
         "lost_columns, loser_row, peer) "
@@ -468,7 +468,7 @@ def _quarantine(
         "CREATE TEMP TABLE _tidesync_quarantine (key text, hlc bigint, node text, row_data text, reason text, "
         "version bytea) ON COMMIT DROP"
     )
-    cur.adbc_ingest("_tidesync_quarantine", table, mode="append", temporary=True)
+    ingest(cur, "_tidesync_quarantine", table, temporary=True)
     cur.execute(
         f"INSERT INTO {SCHEMA}.quarantine (table_name, key, hlc, node, row_data, reason, peer, version) "
         f"SELECT {ql(spec.name)}, key, hlc, node, row_data::jsonb, reason, {'NULL' if peer is None else ql(peer)}, "
@@ -568,7 +568,7 @@ class PgQuarantineTxn:
         self.cur.execute("DROP TABLE IF EXISTS _tidesync_settle")
         self.cur.execute("CREATE TEMP TABLE _tidesync_settle (id bigint, applied boolean, note text, reason text, "
                          "attempts integer) ON COMMIT DROP")  # fmt: skip
-        self.cur.adbc_ingest("_tidesync_settle", rows, mode="append", temporary=True)
+        ingest(self.cur, "_tidesync_settle", rows, temporary=True)
         self.cur.execute(
             f"UPDATE {SCHEMA}.quarantine q SET status = CASE WHEN s.applied THEN 'retried' ELSE 'held' END, "
             "resolved_at = CASE WHEN s.applied THEN now() END, note = s.note, reason = s.reason, "

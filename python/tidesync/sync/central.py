@@ -33,7 +33,7 @@ import pyarrow.compute as pc
 from tidesync.changes import ApplyOptions, ApplyResult, _storage, key_texts
 from tidesync.core import DEFAULT_MAX_DRIFT_MS, clamp_hlcs, now_ms
 from tidesync.errors import AuthError, ProtocolError, SchemaMismatchError, SyncError
-from tidesync.pg.conn import execute_script, transaction
+from tidesync.pg.conn import execute_script, ingest, transaction
 from tidesync.pg.install import SCHEMA, missing_columns, ql
 from tidesync.pg.store import PostgresStore
 from tidesync.registry import HLC, Registry, TableSpec, stamp_column
@@ -416,7 +416,7 @@ def receive_page(store: PostgresStore, node: Node, sid: str, page_no: int, data:
                          "digest": [digest], "data": pa.array([data], pa.binary())})  # fmt: skip
         cur.execute("CREATE TEMP TABLE IF NOT EXISTS _tidesync_page (session_id text, page_no int, table_name text, "
                     "rows int, digest text, data bytea) ON COMMIT DELETE ROWS")  # fmt: skip
-        cur.adbc_ingest("_tidesync_page", meta, mode="append", temporary=True)
+        ingest(cur, "_tidesync_page", meta, temporary=True)
         cur.execute(
             f"INSERT INTO {SCHEMA}.push_pages SELECT session_id::uuid, page_no, table_name, rows, digest, data "
             "FROM _tidesync_page ON CONFLICT DO NOTHING"
@@ -578,7 +578,7 @@ def prepare_pull(store: PostgresStore, reader: PostgresStore, node: Node, sid: s
                     page = pa.table({"page_no": pa.array([pages], pa.int32()), "table_name": [spec.name],
                                      "rows": pa.array([part.num_rows], pa.int32()),
                                      "data": pa.array([data], pa.binary())})  # fmt: skip
-                    cur.adbc_ingest(page_table, page, mode="append", temporary=True)
+                    ingest(cur, page_table, page, temporary=True)
                     pages += 1
                     rows_out += part.num_rows
                     bytes_out += len(data)

@@ -28,8 +28,10 @@ _ENV_ROWS = "TIDESYNC_CENTRAL_PAGE_ROWS"
 
 def _app_from_env() -> Any:
     """The app factory for multi-worker serving (each worker process builds its own)."""
+    from tidesync.memory import prefer_jemalloc
     from tidesync.schemas import registry_named
 
+    prefer_jemalloc()  # a fresh worker process: as the `tidesync` command does
     settings = Settings(max_drift_ms=int(os.environ[_ENV_DRIFT]), max_page_bytes=int(os.environ[_ENV_PAGE]),
                         page_rows=int(os.environ[_ENV_ROWS]))  # fmt: skip
     return create_app(os.environ[_ENV_DSN], registry_named(os.environ[_ENV_SCHEMA]), settings)
