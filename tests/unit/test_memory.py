@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -20,9 +21,7 @@ def _backend_after_cli(env: dict[str, str]) -> str:
 
 
 @pytest.mark.skipif("jemalloc" not in pa.supported_memory_backends(), reason="pyarrow built without jemalloc")
-def test_the_command_line_uses_jemalloc_unless_the_environment_chose(monkeypatch: pytest.MonkeyPatch) -> None:
-    import os
-
+def test_the_command_line_uses_jemalloc_unless_the_environment_chose() -> None:
     env = {k: v for k, v in os.environ.items() if k != "ARROW_DEFAULT_MEMORY_POOL"}
     assert _backend_after_cli(env) == "jemalloc"
     assert _backend_after_cli({**env, "ARROW_DEFAULT_MEMORY_POOL": "system"}) == "system"

@@ -17,6 +17,7 @@ import pyarrow as pa
 #: Size of the record batches :func:`ingest` hands to ADBC's COPY writer.
 INGEST_BATCH_BYTES = 2 << 20
 
+
 def connect(dsn: str, *, autocommit: bool = True) -> Any:
     """Open an ADBC DB-API connection (a context manager; closes on exit).
 

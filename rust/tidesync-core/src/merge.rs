@@ -278,15 +278,6 @@ impl NodeCol<'_> {
             Self::View(a) => a.value(row),
         }
     }
-
-    /// Where the value of `row` starts (only read to warm the cache).
-    fn offset(&self, row: usize) -> i64 {
-        match self {
-            Self::Utf8(a) => a.value_offsets()[row] as i64,
-            Self::Large(a) => a.value_offsets()[row],
-            Self::View(a) => a.views()[row] as i64,
-        }
-    }
 }
 
 /// A field-wise merged row: where its row-level part and each data column come from.
@@ -421,8 +412,8 @@ impl<'a> Ctx<'a> {
         let mut sink = 0i64;
         for l in batch.iter().filter_map(|g| g.local) {
             let l = l as usize;
-            sink ^= self.hlc[LOCAL][l] ^ self.base[LOCAL].values()[l] ^ self.node[LOCAL].offset(l);
-            // The node id's bytes too: `sequential` compares them.
+            sink ^= self.hlc[LOCAL][l] ^ self.base[LOCAL].values()[l];
+            // The node id's bytes (reading them reads its offsets): `sequential` compares them.
             sink ^= self.node[LOCAL].get(l).as_bytes().first().copied().unwrap_or(0) as i64;
             // Field mode compares every column's stamp: without this, each is a
             // cache miss of its own, taken one after another (half the time of an
