@@ -9,10 +9,12 @@ use std::sync::Arc;
 use arrow_array::builder::{ListBuilder, StringBuilder};
 use arrow_array::cast::AsArray;
 use arrow_array::{Array, ArrayRef, BooleanArray, Int64Array, OffsetSizeTrait, RecordBatch, StringArray, UInt32Array};
-use arrow_buffer::{Buffer, NullBuffer};
+use arrow_buffer::{BooleanBuffer, Buffer, NullBuffer};
+use arrow_ord::cmp::distinct;
 use arrow_ord::ord::{make_comparator, DynComparator};
-use arrow_schema::{DataType, Field, Schema, SortOptions};
-use arrow_select::filter::filter;
+use arrow_schema::{DataType, Field, Schema, SchemaRef, SortOptions};
+use arrow_select::concat::concat_batches;
+use arrow_select::filter::{FilterBuilder, FilterPredicate};
 use arrow_select::interleave::interleave;
 use arrow_select::take::take;
 
@@ -53,7 +55,9 @@ impl std::str::FromStr for MergeMode {
 /// What a merge produced.
 #[derive(Debug, Clone)]
 pub struct MergeOutput {
-    /// Merged rows that differ from the local rows (or are new), input schema.
+    /// Merged rows that differ from the local rows (or are new), input schema; record
+    /// mode: in incoming order of the version written; field mode: in order of the
+    /// first appearance of the key.
     pub rows: RecordBatch,
     /// One per row of `rows`: the key had no local row.
     pub inserted: BooleanArray,
@@ -121,7 +125,8 @@ pub fn merge(local: &RecordBatch, incoming: &RecordBatch, key: &str, mode: Merge
         _ => return Err(invalid("key columns of local and incoming differ in type")),
     };
     // Keys are independent: decide contiguous ranges of groups on separate threads,
-    // then join the outputs in group order (= order of first appearance).
+    // then join the outputs in group order (= order of first appearance; record mode
+    // then puts them in incoming order, `put_in_incoming_order`).
     let parts = par_ranges(groups.groups.len(), PARALLEL_MIN_KEYS, |start, len| {
         let mut out = Output::new(&ctx, len);
         // Buffers reused across keys: the versions of one key, and the merged row.
@@ -133,7 +138,6 @@ pub fn merge(local: &RecordBatch, incoming: &RecordBatch, key: &str, mode: Merge
                 ctx.merge_group(g.local, g.first, &groups.next, &mut scratch, &mut acc, &mut out);
             }
         }
-        ctx.log_record_conflicts(&mut out);
         out
     });
     Output::concat(&ctx, parts).finish(&ctx, groups.groups.len())
@@ -630,38 +634,8 @@ impl<'a> Ctx<'a> {
         if self.stamp_order(l, w) == Ordering::Equal || self.sequential(w, l) {
             return;
         }
-        // The lost columns are found later, for all pairs at once.
+        // The lost columns are found later, for all pairs at once (`record_conflicts`).
         out.concurrent.push((l, w));
-    }
-
-    /// Record mode: log the concurrent pairs `(loser, winner)` found while deciding
-    /// (in order) with the data columns they differ in, unless they differ in none.
-    /// Compared a column at a time and a batch of pairs at a time: the values of a
-    /// batch are first read together (random reads of local rows, whose cache
-    /// misses then overlap), then compared.
-    fn log_record_conflicts(&self, out: &mut Output) {
-        let pairs = std::mem::take(&mut out.concurrent);
-        // Bit d of pair p's words: the pair differs in data column d.
-        let words = self.data_cols.len().div_ceil(64);
-        let mut differs = vec![0u64; pairs.len() * words];
-        for (d, eq) in self.eq.iter().enumerate() {
-            for (batch_no, batch) in pairs.chunks(WARM_BATCH).enumerate() {
-                std::hint::black_box(batch.iter().fold(0, |acc, &(l, w)| acc ^ eq.warm(l) ^ eq.warm(w)));
-                for (i, &(l, w)) in batch.iter().enumerate() {
-                    if !eq.eq(l, w) {
-                        differs[(batch_no * WARM_BATCH + i) * words + d / 64] |= 1 << (d % 64);
-                    }
-                }
-            }
-        }
-        for (p, (l, w)) in pairs.into_iter().enumerate() {
-            let bits = &differs[p * words..(p + 1) * words];
-            let lost: Vec<u32> =
-                (0..self.data_cols.len()).filter(|d| bits[d / 64] >> (d % 64) & 1 == 1).map(|d| d as u32).collect();
-            if !lost.is_empty() {
-                out.conflicts.push(Conflict { row: Acc { row: l, cols: Vec::new() }, winner: w, lost });
-            }
-        }
     }
 
     /// Field mode: check the merged-so-far row `acc` against the next version `b`.
@@ -777,18 +751,6 @@ impl ValueEq {
         }
     }
 
-    /// Read what `eq` reads first of version `v` (to warm the cache).
-    fn warm(&self, v: V) -> u64 {
-        let valid = self.nulls[v.side()].as_ref().is_none_or(|n| n.is_valid(v.row())) as u64;
-        let first = match self.kind {
-            EqKind::Fixed(w) => self.values[v.side()].as_slice()[v.row() * w] as u64,
-            EqKind::Bytes32 => self.offsets[v.side()].typed_data::<i32>()[v.row()] as u64,
-            EqKind::Bytes64 => self.offsets[v.side()].typed_data::<i64>()[v.row()] as u64,
-            EqKind::Other => 0,
-        };
-        valid ^ first
-    }
-
     fn fixed(&self, v: V, width: usize) -> &[u8] {
         &self.values[v.side()].as_slice()[v.row() * width..(v.row() + 1) * width]
     }
@@ -845,6 +807,7 @@ impl Output {
             out.local.extend(p.local);
             out.source.extend(p.source);
             out.conflicts.extend(p.conflicts);
+            out.concurrent.extend(p.concurrent);
         }
         out
     }
@@ -863,7 +826,52 @@ impl Output {
         self.source.push(source.unwrap_or(NONE));
     }
 
-    fn finish(self, ctx: &Ctx, keys: usize) -> Result<MergeOutput> {
+    /// Record mode: put the written rows in incoming order. Each is a copy of one
+    /// incoming row, so the output columns are then a `filter` of the incoming ones,
+    /// which copies runs of rows at once, instead of a row-by-row `take` (the order
+    /// of first appearance puts a key's later version out of order).
+    fn put_in_incoming_order(&mut self, n_incoming: usize) {
+        debug_assert!(self.rows.iter().all(|v| v.side() == INCOMING));
+        let increasing = self.rows.windows(2).all(|w| w[0].row() < w[1].row());
+        if increasing {
+            return;
+        }
+        let mut local_of = vec![NONE; n_incoming];
+        let mut written = vec![false; n_incoming];
+        for (v, &l) in self.rows.iter().zip(&self.local) {
+            written[v.row()] = true;
+            local_of[v.row()] = l;
+        }
+        let rows: Vec<u32> = (0..n_incoming as u32).filter(|&r| written[r as usize]).collect();
+        self.local = rows.iter().map(|&r| local_of[r as usize]).collect();
+        self.rows = rows.iter().map(|&r| V::incoming(r)).collect();
+        self.source = rows;
+    }
+
+    /// Field mode: the conflict batch of the losing rows logged while deciding.
+    fn field_conflicts(&self, ctx: &Ctx, schema: &SchemaRef) -> Result<RecordBatch> {
+        let sources: Vec<V> = self.conflicts.iter().map(|c| c.row.row).collect();
+        let columns = assemble(
+            ctx,
+            &sources,
+            |c| column_part(ctx, c),
+            |part, r| {
+                let row = &self.conflicts[r].row;
+                match part {
+                    Some(d) if !row.cols.is_empty() => row.cols[d],
+                    _ => row.row,
+                }
+            },
+        )?;
+        let winners: Vec<V> = self.conflicts.iter().map(|c| c.winner).collect();
+        let lost = self.conflicts.iter().map(|c| c.lost.iter().map(|&d| d as usize));
+        conflict_batch(ctx, schema, columns, &winners, lost)
+    }
+
+    fn finish(mut self, ctx: &Ctx, keys: usize) -> Result<MergeOutput> {
+        if ctx.mode == MergeMode::Record {
+            self.put_in_incoming_order(ctx.batches[INCOMING].num_rows());
+        }
         let schema = union_nullability(&ctx.batches[LOCAL].schema(), &ctx.batches[INCOMING].schema());
         let nd = ctx.data_cols.len();
         let rows_cols = assemble(
@@ -880,37 +888,10 @@ impl Output {
         )?;
         let rows = RecordBatch::try_new(schema.clone(), rows_cols)?;
 
-        let sources: Vec<V> = self.conflicts.iter().map(|c| c.row.row).collect();
-        let mut columns = assemble(
-            ctx,
-            &sources,
-            |c| column_part(ctx, c),
-            |part, r| {
-                let row = &self.conflicts[r].row;
-                match part {
-                    Some(d) if !row.cols.is_empty() => row.cols[d],
-                    _ => row.row,
-                }
-            },
-        )?;
-        let winner_hlc: Int64Array = self.conflicts.iter().map(|c| Some(ctx.hlc(c.winner))).collect();
-        let winner_node: StringArray = self.conflicts.iter().map(|c| Some(ctx.node(c.winner))).collect();
-        let mut lost = ListBuilder::new(StringBuilder::new());
-        for c in &self.conflicts {
-            for &d in &c.lost {
-                lost.values().append_value(&ctx.data_names[d as usize]);
-            }
-            lost.append(true);
-        }
-        let lost = lost.finish();
-        let mut fields: Vec<Field> = schema.fields().iter().map(|f| f.as_ref().clone()).collect();
-        fields.push(Field::new(WINNER_HLC, DataType::Int64, false));
-        fields.push(Field::new(WINNER_NODE, DataType::Utf8, false));
-        fields.push(Field::new(LOST_COLUMNS, lost.data_type().clone(), false));
-        columns.push(Arc::new(winner_hlc));
-        columns.push(Arc::new(winner_node));
-        columns.push(Arc::new(lost));
-        let conflicts = RecordBatch::try_new(Arc::new(Schema::new(fields)), columns)?;
+        let conflicts = match ctx.mode {
+            MergeMode::Record => record_conflicts(ctx, &schema, &self.concurrent)?,
+            MergeMode::Field => self.field_conflicts(ctx, &schema)?,
+        };
         let inserted: BooleanArray = self.local.iter().map(|&l| Some(l == NONE)).collect();
         Ok(MergeOutput {
             rows,
@@ -921,6 +902,92 @@ impl Output {
             keys,
         })
     }
+}
+
+/// The conflict batch: the losing rows' `columns` (input schema) with the stamp and
+/// node of the other side of each pair and the names of the lost data columns.
+fn conflict_batch<L: IntoIterator<Item = usize>>(
+    ctx: &Ctx,
+    schema: &SchemaRef,
+    mut columns: Vec<ArrayRef>,
+    winners: &[V],
+    lost: impl Iterator<Item = L>,
+) -> Result<RecordBatch> {
+    let winner_hlc: Int64Array = winners.iter().map(|&w| Some(ctx.hlc(w))).collect();
+    let winner_node: StringArray = winners.iter().map(|&w| Some(ctx.node(w))).collect();
+    let mut names = ListBuilder::new(StringBuilder::new());
+    for columns_lost in lost {
+        for d in columns_lost {
+            names.values().append_value(&ctx.data_names[d]);
+        }
+        names.append(true);
+    }
+    let names = names.finish();
+    let mut fields: Vec<Field> = schema.fields().iter().map(|f| f.as_ref().clone()).collect();
+    fields.push(Field::new(WINNER_HLC, DataType::Int64, false));
+    fields.push(Field::new(WINNER_NODE, DataType::Utf8, false));
+    fields.push(Field::new(LOST_COLUMNS, names.data_type().clone(), false));
+    columns.push(Arc::new(winner_hlc));
+    columns.push(Arc::new(winner_node));
+    columns.push(Arc::new(names));
+    Ok(RecordBatch::try_new(Arc::new(Schema::new(fields)), columns)?)
+}
+
+/// Record mode: the conflict batch of the concurrent `(loser, winner)` pairs found
+/// while deciding: each loser's row with the data columns where it differs from its
+/// winner, unless it differs in none. Built a column at a time with Arrow kernels:
+/// the losers of each side are `take`n and the winners' values `interleave`d (tight
+/// gather loops over random rows, whose cache misses overlap), then the gathered
+/// columns are compared in order.
+fn record_conflicts(ctx: &Ctx, schema: &SchemaRef, pairs: &[(V, V)]) -> Result<RecordBatch> {
+    let ncols = ctx.batches[INCOMING].num_columns();
+    let nd = ctx.data_cols.len();
+    let per_thread = if pairs.len() >= PARALLEL_MIN_KEYS / 4 { 1 } else { usize::MAX };
+    let mut parts = Vec::with_capacity(2);
+    for side in [LOCAL, INCOMING] {
+        let pairs: Vec<(V, V)> = pairs.iter().filter(|(l, _)| l.side() == side).copied().collect();
+        let losers = UInt32Array::from_iter_values(pairs.iter().map(|(l, _)| l.row() as u32));
+        let columns: Vec<ArrayRef> = par_map(ncols, per_thread, |c| take(ctx.batches[side].column(c), &losers, None))
+            .into_iter()
+            .collect::<std::result::Result<_, _>>()?;
+        let winners: Vec<(usize, usize)> = pairs.iter().map(|(_, w)| (w.side(), w.row())).collect();
+        let differs: Vec<BooleanBuffer> =
+            par_map(nd, per_thread, |d| differs_from_winners(ctx, d, &columns[ctx.data_cols[d]], &winners, &pairs))
+                .into_iter()
+                .collect::<Result<_>>()?;
+        let keep: Vec<usize> = (0..pairs.len()).filter(|&p| differs.iter().any(|b| b.value(p))).collect();
+        let columns = if keep.len() == pairs.len() {
+            columns
+        } else {
+            let keep = UInt32Array::from_iter_values(keep.iter().map(|&p| p as u32));
+            columns.iter().map(|c| take(c, &keep, None)).collect::<std::result::Result<_, _>>()?
+        };
+        let kept_winners: Vec<V> = keep.iter().map(|&p| pairs[p].1).collect();
+        let differs = &differs;
+        let lost = keep.iter().map(|&p| (0..nd).filter(move |&d| differs[d].value(p)));
+        parts.push(conflict_batch(ctx, schema, columns, &kept_winners, lost)?);
+    }
+    Ok(concat_batches(&parts[0].schema(), &parts)?)
+}
+
+/// Record mode: whether each loser value of data column `d` (gathered in
+/// `losers`) differs from its winner's, by the column's equality (`ValueEq`).
+fn differs_from_winners(
+    ctx: &Ctx,
+    d: usize,
+    losers: &ArrayRef,
+    winners: &[(usize, usize)],
+    pairs: &[(V, V)],
+) -> Result<BooleanBuffer> {
+    let c = ctx.data_cols[d];
+    let arrays = [ctx.batches[LOCAL].column(c).as_ref(), ctx.batches[INCOMING].column(c).as_ref()];
+    let won = interleave(&arrays, winners)?;
+    // `distinct` is null-aware (two nulls are equal) and compares floats by their
+    // bits, as `ValueEq` does; types it does not cover are compared pair by pair.
+    Ok(match distinct(losers, &won) {
+        Ok(mask) => mask.values().clone(),
+        Err(_) => pairs.iter().map(|&(l, w)| !ctx.eq[d].eq(l, w)).collect(),
+    })
 }
 
 /// "No row" in `Output::local` and `Output::source`.
@@ -955,8 +1022,9 @@ fn assemble(
     enum Index {
         /// Every incoming row, in order: the columns are shared, not copied.
         All,
-        /// Incoming rows in increasing order: `filter` copies runs of rows at once.
-        Filter(BooleanArray),
+        /// Incoming rows in increasing order: `filter` copies runs of rows at once
+        /// (the predicate's runs are found once, for every column of the part).
+        Filter(FilterPredicate),
         Take(UInt32Array),
         Interleave(Vec<(usize, usize)>),
     }
@@ -972,7 +1040,7 @@ fn assemble(
             } else if increasing {
                 let mut keep = vec![false; n_incoming];
                 (0..rows.len()).for_each(|r| keep[source(part, r).row()] = true);
-                Index::Filter(BooleanArray::from(keep))
+                Index::Filter(FilterBuilder::new(&BooleanArray::from(keep)).optimize().build())
             } else {
                 Index::Take(UInt32Array::from_iter_values((0..rows.len()).map(|r| source(part, r).row() as u32)))
             }
@@ -992,7 +1060,7 @@ fn assemble(
     let out: Vec<Result<ArrayRef>> = par_map(ncols, per_thread, |c| {
         Ok(match index_of(c) {
             Index::All => ctx.batches[INCOMING].column(c).clone(),
-            Index::Filter(keep) => filter(ctx.batches[INCOMING].column(c), keep)?,
+            Index::Filter(keep) => keep.filter(ctx.batches[INCOMING].column(c))?,
             Index::Take(idx) => take(ctx.batches[INCOMING].column(c), idx, None)?,
             Index::Interleave(idx) => {
                 let arrays = [ctx.batches[LOCAL].column(c).as_ref(), ctx.batches[INCOMING].column(c).as_ref()];
