@@ -587,13 +587,15 @@ impl<'a> Ctx<'a> {
         };
         let local = Some(loc.row() as u32);
         match self.mode {
-            MergeMode::Record => match self.full_order(inc, loc) {
+            MergeMode::Record => match self.stamp_order(inc, loc) {
                 Ordering::Greater => {
                     self.record_conflict(loc, inc, out);
                     out.write_record(inc, local);
                 }
                 Ordering::Less => self.record_conflict(inc, loc, out),
-                Ordering::Equal => {}
+                // The same (hlc, node) is never a conflict; the other columns decide
+                // (`full_order`), later, for all such keys at once (`incoming_wins_ties`).
+                Ordering::Equal => out.ties.push((inc.row() as u32, loc.row() as u32)),
             },
             MergeMode::Field => {
                 // Start from the local row; take each part the incoming version wins
@@ -783,6 +785,9 @@ struct Output {
     conflicts: Vec<Conflict>,
     /// Record mode: concurrent `(loser, winner)` pairs not yet in `conflicts`.
     concurrent: Vec<(V, V)>,
+    /// Record mode: `(incoming, local)` rows of keys with one incoming version whose
+    /// `(hlc, node)` equals the local row's (usually a re-delivery of the same row).
+    ties: Vec<(u32, u32)>,
 }
 
 impl Output {
@@ -794,6 +799,7 @@ impl Output {
             source: Vec::with_capacity(n),
             conflicts: Vec::new(),
             concurrent: Vec::new(),
+            ties: Vec::new(),
         }
     }
 
@@ -808,6 +814,7 @@ impl Output {
             out.source.extend(p.source);
             out.conflicts.extend(p.conflicts);
             out.concurrent.extend(p.concurrent);
+            out.ties.extend(p.ties);
         }
         out
     }
@@ -870,6 +877,12 @@ impl Output {
 
     fn finish(mut self, ctx: &Ctx, keys: usize) -> Result<MergeOutput> {
         if ctx.mode == MergeMode::Record {
+            let ties = std::mem::take(&mut self.ties);
+            for (&(inc, loc), wins) in ties.iter().zip(incoming_wins_ties(ctx, &ties)?) {
+                if wins {
+                    self.write_record(V::incoming(inc), Some(loc));
+                }
+            }
             self.put_in_incoming_order(ctx.batches[INCOMING].num_rows());
         }
         let schema = union_nullability(&ctx.batches[LOCAL].schema(), &ctx.batches[INCOMING].schema());
@@ -988,6 +1001,36 @@ fn differs_from_winners(
         Ok(mask) => mask.values().clone(),
         Err(_) => pairs.iter().map(|&(l, w)| !ctx.eq[d].eq(l, w)).collect(),
     })
+}
+
+/// Record mode: whether the incoming row of each `(incoming, local)` pair of equal
+/// `(hlc, node)` is the greater by the other columns in schema order (`full_order`).
+/// Usually the rows are equal in every column, so every column is read: a column at a
+/// time, the values of both sides are gathered with `take` (a tight loop over random
+/// local rows, whose cache misses overlap, where comparing row by row took each
+/// local column's miss in turn), then compared in order.
+fn incoming_wins_ties(ctx: &Ctx, ties: &[(u32, u32)]) -> Result<Vec<bool>> {
+    let mut wins = vec![false; ties.len()];
+    let mut undecided: Vec<usize> = (0..ties.len()).collect();
+    let opts = SortOptions { descending: false, nulls_first: true };
+    for &c in &ctx.tie_cols {
+        if undecided.is_empty() {
+            break;
+        }
+        let rows = |side: usize| UInt32Array::from_iter_values(undecided.iter().map(|&p| [ties[p].1, ties[p].0][side]));
+        let values = [LOCAL, INCOMING].map(|side| take(ctx.batches[side].column(c), &rows(side), None));
+        let [local, incoming] = values;
+        let (local, incoming) = (local?, incoming?);
+        let cmp = make_comparator(incoming.as_ref(), local.as_ref(), opts)?;
+        let mut i = 0;
+        undecided.retain(|&p| {
+            let order = cmp(i, i);
+            i += 1;
+            wins[p] = order == Ordering::Greater;
+            order == Ordering::Equal
+        });
+    }
+    Ok(wins)
 }
 
 /// "No row" in `Output::local` and `Output::source`.

@@ -240,3 +240,36 @@ fn rows_written_in_incoming_order_come_out_whole() {
         }
     }
 }
+
+#[test]
+fn record_mode_breaks_stamp_ties_on_the_other_columns() {
+    // Same (hlc, node) on both sides: a re-delivery (identical: nothing to write), or
+    // two contents under one stamp, where the greater row by the other columns in
+    // schema order wins (`v` first, then `s`); never a conflict.
+    let local =
+        vec![version("same", 1, 10, "a", None), version("v_up", 1, 10, "a", None), version("s_dn", 1, 10, "a", None)];
+    let mut v_up = local[1].clone();
+    v_up.v = Some(2);
+    let mut s_dn = local[2].clone();
+    s_dn.s = Some("w".into()); // "w" < "x": the local row stays
+    let incoming = vec![s_dn, local[0].clone(), v_up];
+    let out = merge(&to_batch(&local), &to_batch(&incoming), "id", MergeMode::Record).unwrap();
+    let rows = from_batch(&out.rows);
+    assert_eq!(rows.iter().map(|r| (r.id.as_str(), r.v)).collect::<Vec<_>>(), [("v_up", Some(2))]);
+    assert_eq!(out.local_row.iter().collect::<Vec<_>>(), [Some(1)]);
+    assert_eq!(out.source.iter().collect::<Vec<_>>(), [Some(2)]);
+    assert_eq!(out.conflicts.num_rows(), 0);
+}
+
+#[test]
+fn record_mode_writes_in_incoming_order_of_the_version_written() {
+    // Key "k" comes first but its winning version is the last row: the output follows
+    // the rows written (1 then 2), not the first appearance of the keys (k then n).
+    let incoming =
+        vec![version("k", 1, 10, "a", None), version("n", 5, 10, "a", None), version("k", 2, 20, "a", Some(10))];
+    let out = merge(&to_batch(&[]), &to_batch(&incoming), "id", MergeMode::Record).unwrap();
+    let ids: Vec<String> = from_batch(&out.rows).into_iter().map(|r| r.id).collect();
+    assert_eq!(ids, ["n", "k"]);
+    assert_eq!(out.source.iter().collect::<Vec<_>>(), [Some(1), Some(2)]);
+    assert_eq!(out.inserted.iter().collect::<Vec<_>>(), [Some(true), Some(true)]);
+}
