@@ -763,8 +763,10 @@ impl ValueEq {
     }
 }
 
+/// Field mode: a losing row found while deciding (record mode keeps only the
+/// `(loser, winner)` pairs, and finds the lost columns after, `record_conflicts`).
 struct Conflict {
-    /// The losing side's row (field mode: possibly assembled from several versions).
+    /// The losing side's row, possibly assembled from several versions.
     row: Acc,
     /// The version on the other side of the pair.
     winner: V,
@@ -782,6 +784,7 @@ struct Output {
     /// copies (`NONE` if it mixes versions).
     local: Vec<u32>,
     source: Vec<u32>,
+    /// Field mode: the losing rows.
     conflicts: Vec<Conflict>,
     /// Record mode: concurrent `(loser, winner)` pairs not yet in `conflicts`.
     concurrent: Vec<(V, V)>,
