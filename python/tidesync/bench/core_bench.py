@@ -282,17 +282,31 @@ def _bench_diff(old: pa.Table, new: pa.Table, repeats: int, label: str, rep: _Re
 # --------------------------------------------------------------------------- merge
 
 
-def _merge_check(a: tidesync.MergeResult, b: Any) -> str:
+def rows_by_key(result: Any, key: str) -> tuple[pa.Table, pa.Array]:
+    """A merge result's rows and ``inserted`` flags in key order.
+
+    Row order is not the same in tidesync and the reference (record mode writes rows in
+    incoming order of the version written, the reference in order of first appearance:
+    docs/semantics.md), and keys are unique in a merge's output, so sorting by key makes
+    two results comparable row for row.
+    """
+    rows = pa.table(result.rows)
+    inserted = result.inserted
+    inserted = inserted.combine_chunks() if isinstance(inserted, pa.ChunkedArray) else pa.array(inserted)
+    order = pc.sort_indices(rows.column(key))
+    return rows.take(order), inserted.take(order)
+
+
+def _merge_check(a: tidesync.MergeResult, b: Any, key: str) -> str:
     """Compare tidesync's merge with the reference's on the same input."""
     problems = []
-    b_rows = pa.table(b.rows)
-    same_rows = a.rows.schema.names == b_rows.schema.names and all(
-        a.rows.column(i).equals(b_rows.column(i)) for i in range(a.rows.num_columns)
+    (a_rows, a_inserted), (b_rows, b_inserted) = rows_by_key(a, key), rows_by_key(b, key)
+    same_rows = a_rows.schema.names == b_rows.schema.names and all(
+        a_rows.column(i).equals(b_rows.column(i)) for i in range(a_rows.num_columns)
     )
     if not same_rows:
-        problems.append(f"rows differ ({a.rows.num_rows} vs {b_rows.num_rows} rows)")
-    b_inserted = b.inserted.combine_chunks() if isinstance(b.inserted, pa.ChunkedArray) else pa.array(b.inserted)
-    if not a.inserted.equals(b_inserted):
+        problems.append(f"rows differ ({a_rows.num_rows} vs {b_rows.num_rows} rows)")
+    if not a_inserted.equals(b_inserted):
         problems.append("inserted differs")
     if a.conflicts.num_rows != b.conflicts.num_rows:
         problems.append(f"{a.conflicts.num_rows} vs {b.conflicts.num_rows} conflicts")
@@ -338,7 +352,9 @@ def _bench_merge(
         else:
             sub_local, sub_in = data.subsample_merge(local, incoming, reference_rows)
             sub_rows = sub_in.num_rows
-            check = _merge_check(tidesync.merge(sub_local, sub_in, key, mode), reference.merge(sub_local, sub_in, key, mode))
+            check = _merge_check(
+                tidesync.merge(sub_local, sub_in, key, mode), reference.merge(sub_local, sub_in, key, mode), key
+            )
             base_runs = _measure({"reference": lambda: reference.merge(sub_local, sub_in, key, mode)}, ref_repeats, warmup=0)[
                 "reference"
             ]
