@@ -12,7 +12,7 @@ use arrow_array::{Array, ArrayRef, BooleanArray, Int64Array, OffsetSizeTrait, Re
 use arrow_buffer::{BooleanBuffer, Buffer, NullBuffer};
 use arrow_ord::cmp::distinct;
 use arrow_ord::ord::{make_comparator, DynComparator};
-use arrow_schema::{DataType, Field, Schema, SchemaRef, SortOptions};
+use arrow_schema::{DataType, Field, Schema, SchemaRef};
 use arrow_select::concat::concat_batches;
 use arrow_select::filter::{FilterBuilder, FilterPredicate};
 use arrow_select::interleave::interleave;
@@ -20,6 +20,7 @@ use arrow_select::take::take;
 
 use crate::error::{invalid, CoreError, Result};
 use crate::keys::{duplicate, read_keys, KeyHash, KeyValues, RowTable};
+use crate::order::VALUE_ORDER;
 use crate::parallel::{par_map, par_ranges};
 use crate::schema::{require_same_columns, union_nullability};
 
@@ -381,12 +382,11 @@ impl<'a> Ctx<'a> {
             .filter(|&c| c != hlc_idx && c != node_idx)
             .filter(|c| mode == MergeMode::Record || (!data_cols.contains(c) && !stamp_idx.contains(c)))
             .collect();
-        let opts = SortOptions { descending: false, nulls_first: true };
         let mut cmp = Vec::with_capacity(names.len());
         for (c, name) in names.iter().enumerate() {
             let (l, i) = (local.column(c).as_ref(), incoming.column(c).as_ref());
             let make = |a: &dyn Array, b: &dyn Array| {
-                make_comparator(a, b, opts)
+                make_comparator(a, b, VALUE_ORDER)
                     .map_err(|e| CoreError::UnsupportedType(format!("column {name:?} cannot be compared: {e}")))
             };
             cmp.push([make(l, l)?, make(l, i)?, make(i, l)?, make(i, i)?]);
@@ -726,9 +726,8 @@ impl ValueEq {
         };
         let [(v0, o0), (v1, o1)] = columns.map(buffers);
         let fallback = matches!(kind, EqKind::Other).then(|| {
-            let opts = SortOptions { descending: false, nulls_first: true };
             let make = |a: &ArrayRef, b: &ArrayRef| {
-                make_comparator(a.as_ref(), b.as_ref(), opts).expect("comparable: checked in Ctx::new")
+                make_comparator(a.as_ref(), b.as_ref(), VALUE_ORDER).expect("comparable: checked in Ctx::new")
             };
             let [l, i] = columns;
             [make(l, l), make(l, i), make(i, l), make(i, i)]
@@ -1015,16 +1014,16 @@ fn differs_from_winners(
 fn incoming_wins_ties(ctx: &Ctx, ties: &[(u32, u32)]) -> Result<Vec<bool>> {
     let mut wins = vec![false; ties.len()];
     let mut undecided: Vec<usize> = (0..ties.len()).collect();
-    let opts = SortOptions { descending: false, nulls_first: true };
     for &c in &ctx.tie_cols {
         if undecided.is_empty() {
             break;
         }
-        let rows = |side: usize| UInt32Array::from_iter_values(undecided.iter().map(|&p| [ties[p].1, ties[p].0][side]));
-        let values = [LOCAL, INCOMING].map(|side| take(ctx.batches[side].column(c), &rows(side), None));
-        let [local, incoming] = values;
-        let (local, incoming) = (local?, incoming?);
-        let cmp = make_comparator(incoming.as_ref(), local.as_ref(), opts)?;
+        let gather = |side: usize, row: fn(&(u32, u32)) -> u32| {
+            let rows = UInt32Array::from_iter_values(undecided.iter().map(|&p| row(&ties[p])));
+            take(ctx.batches[side].column(c), &rows, None)
+        };
+        let (incoming, local) = (gather(INCOMING, |t| t.0)?, gather(LOCAL, |t| t.1)?);
+        let cmp = make_comparator(incoming.as_ref(), local.as_ref(), VALUE_ORDER)?;
         let mut i = 0;
         undecided.retain(|&p| {
             let order = cmp(i, i);

@@ -10,7 +10,9 @@ use arrow_schema::SortOptions;
 use crate::error::{invalid, Result};
 use crate::keys::{check_len, column_index};
 
-const OPTIONS: SortOptions = SortOptions { descending: false, nulls_first: true };
+/// How values order wherever the core sorts or compares them: ascending, nulls first
+/// (docs/semantics.md); merge's tie-breaks use it too.
+pub(crate) const VALUE_ORDER: SortOptions = SortOptions { descending: false, nulls_first: true };
 
 /// Indices that sort `batch` by the named columns, most significant first, nulls
 /// first: with `["_hlc", "_node", "_table", key]` this is the order in which the
@@ -28,7 +30,7 @@ pub fn logical_order(batch: &RecordBatch, by: &[&str]) -> Result<UInt32Array> {
         return by_stamp_then_rest(stamps, &columns[1..]);
     }
     let sort_columns: Vec<SortColumn> =
-        columns.into_iter().map(|values| SortColumn { values, options: Some(OPTIONS) }).collect();
+        columns.into_iter().map(|values| SortColumn { values, options: Some(VALUE_ORDER) }).collect();
     Ok(lexsort_to_indices(&sort_columns, None)?)
 }
 
@@ -43,7 +45,7 @@ fn by_stamp_then_rest(stamps: &Int64Array, rest: &[arrow_array::ArrayRef]) -> Re
     let mut order: Vec<u32> = pairs.iter().map(|p| p.1).collect();
     if !rest.is_empty() {
         let comparators =
-            rest.iter().map(|c| make_comparator(c.as_ref(), c.as_ref(), OPTIONS)).collect::<Result<Vec<_>, _>>()?;
+            rest.iter().map(|c| make_comparator(c.as_ref(), c.as_ref(), VALUE_ORDER)).collect::<Result<Vec<_>, _>>()?;
         let mut start = 0;
         while start < pairs.len() {
             let end = start + pairs[start..].iter().take_while(|p| p.0 == pairs[start].0).count();
