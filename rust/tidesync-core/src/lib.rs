@@ -14,6 +14,7 @@ pub mod diff;
 pub mod digest;
 pub mod error;
 pub mod hlc;
+mod join;
 mod keys;
 pub mod merge;
 pub mod order;

@@ -19,7 +19,8 @@ use arrow_select::interleave::interleave;
 use arrow_select::take::take;
 
 use crate::error::{invalid, CoreError, Result};
-use crate::keys::{duplicate, read_keys, KeyHash, KeyValues, RowTable};
+use crate::join::{match_keys, NONE};
+use crate::keys::{read_keys, KeyHash, KeyValues};
 use crate::order::VALUE_ORDER;
 use crate::parallel::{par_map, par_ranges};
 use crate::schema::{require_same_columns, union_nullability};
@@ -158,114 +159,27 @@ struct Group {
 }
 
 fn group<K: KeyHash + Sync>(local: &[K], incoming: &[K], key: &str) -> Result<Groups> {
-    // Every key is hashed once; the local index, the probes and the table of new
-    // keys all reuse these hashes.
+    // Every key is hashed once, for the partitions and the tables of `match_keys`.
     let local_hash = par_map(local.len(), PARALLEL_MIN_KEYS, |row| local[row].key_hash());
     let incoming_hash = par_map(incoming.len(), PARALLEL_MIN_KEYS, |row| incoming[row].key_hash());
-    let local_index = unique_index(local, &local_hash, key)?;
-    // One probe of the local index per incoming row; only keys new to the local
-    // side need a second table. The probes only read the index: run them in
-    // parallel, assign groups after.
-    let probes: Vec<Option<u32>> = par_ranges(incoming.len(), PARALLEL_MIN_KEYS, |start, len| {
-        let rows = start..start + len;
-        local_index.find_rows(&incoming_hash[rows.clone()], &incoming[rows], local)
-    })
-    .concat();
-    let mut groups = GroupBuilder::new(incoming, &incoming_hash, &probes, local.len());
-    for batch in (0..incoming.len() as u32).step_by(WARM_BATCH) {
-        let rows = batch..(batch + WARM_BATCH as u32).min(incoming.len() as u32);
-        groups.warm(rows.clone());
-        for row in rows {
-            groups.add(row);
-        }
-    }
-    Ok(groups.finish())
-}
-
-/// The local keys' index; a key found twice is an error.
-fn unique_index<K: KeyHash>(local: &[K], hashes: &[u64], key: &str) -> Result<RowTable> {
-    let mut index = RowTable::with_capacity(local.len());
-    for (row, (k, &h)) in local.iter().zip(hashes).enumerate() {
-        match index.find(h, |r| local[r as usize] == *k) {
-            Ok(first) => return Err(duplicate(key, "local", first as usize, row)),
-            Err(free) => index.put(free, h, row as u32),
-        }
-    }
-    Ok(index)
-}
-
-/// Assigns incoming rows, in order, to the groups of their keys.
-struct GroupBuilder<'a, K> {
-    incoming: &'a [K],
-    hashes: &'a [u64],
-    /// The local row of each incoming row's key, if any.
-    probes: &'a [Option<u32>],
-    /// Keys not in the local batch, by their first incoming row. Sized from the
-    /// probe misses, so it is at most half full.
-    new_keys: RowTable,
-    group_of_local: Vec<u32>,
-    group_of_first: Vec<u32>,
-    groups: Groups,
-}
-
-impl<'a, K: KeyHash> GroupBuilder<'a, K> {
-    fn new(incoming: &'a [K], hashes: &'a [u64], probes: &'a [Option<u32>], local_rows: usize) -> Self {
-        Self {
-            incoming,
-            hashes,
-            probes,
-            new_keys: RowTable::with_capacity(probes.iter().filter(|p| p.is_none()).count()),
-            group_of_local: vec![u32::MAX; local_rows],
-            group_of_first: vec![u32::MAX; incoming.len()],
-            groups: Groups { groups: Vec::with_capacity(incoming.len()), next: vec![u32::MAX; incoming.len()] },
-        }
-    }
-
-    /// Read what `add` will read first for these rows: random reads, whose cache
-    /// misses overlap when issued together (`black_box` keeps the unused loads).
-    fn warm(&self, rows: std::ops::Range<u32>) {
-        let mut sink = 0u64;
-        for row in rows {
-            sink ^= match self.probes[row as usize] {
-                Some(l) => self.group_of_local[l as usize] as u64,
-                None => self.new_keys.home_slot(self.hashes[row as usize]),
-            };
-        }
-        std::hint::black_box(sink);
-    }
-
-    fn add(&mut self, row: u32) {
-        let local_row = self.probes[row as usize];
-        let existing = match local_row {
-            Some(l) => self.group_of_local[l as usize],
-            None => {
-                let (h, k, incoming) = (self.hashes[row as usize], &self.incoming[row as usize], self.incoming);
-                match self.new_keys.find(h, |r| incoming[r as usize] == *k) {
-                    Ok(first) => self.group_of_first[first as usize],
-                    Err(free) => {
-                        self.new_keys.put(free, h, row);
-                        u32::MAX
-                    }
-                }
-            }
-        };
-        if existing == u32::MAX {
-            let g = self.groups.groups.len() as u32;
-            match local_row {
-                Some(l) => self.group_of_local[l as usize] = g,
-                None => self.group_of_first[row as usize] = g,
-            }
-            self.groups.groups.push(Group { first: row, last: row, local: local_row });
+    let matches = match_keys(local, &local_hash, incoming, &incoming_hash, key)?;
+    // Groups in order of first appearance; a later row of a key joins its leader's
+    // group (a random read, but only for keys that come more than once).
+    let n = incoming.len();
+    let mut groups = Groups { groups: Vec::with_capacity(n), next: vec![NONE; n] };
+    let mut group_of_leader = vec![NONE; n];
+    for (row, (&lead, &l)) in matches.leader.iter().zip(&matches.local).enumerate() {
+        let row = row as u32;
+        if lead == row {
+            group_of_leader[row as usize] = groups.groups.len() as u32;
+            groups.groups.push(Group { first: row, last: row, local: (l != NONE).then_some(l) });
         } else {
-            let g = &mut self.groups.groups[existing as usize];
-            self.groups.next[g.last as usize] = row;
+            let g = &mut groups.groups[group_of_leader[lead as usize] as usize];
+            groups.next[g.last as usize] = row;
             g.last = row;
         }
     }
-
-    fn finish(self) -> Groups {
-        self.groups
-    }
+    Ok(groups)
 }
 
 /// The node-id column, whichever string type it has.
@@ -1035,9 +949,6 @@ fn incoming_wins_ties(ctx: &Ctx, ties: &[(u32, u32)]) -> Result<Vec<bool>> {
     Ok(wins)
 }
 
-/// "No row" in `Output::local` and `Output::source`.
-const NONE: u32 = u32::MAX;
-
 /// Row numbers with `NONE` as null.
 fn optional_rows(rows: Vec<u32>) -> UInt32Array {
     let valid = NullBuffer::from(rows.iter().map(|&r| r != NONE).collect::<Vec<bool>>());
@@ -1069,7 +980,10 @@ fn assemble(
         All,
         /// Incoming rows in increasing order: `filter` copies runs of rows at once
         /// (the predicate's runs are found once, for every column of the part).
-        Filter(FilterPredicate),
+        /// Fixed-width columns with nulls are `take`n by the same rows instead:
+        /// `filter` copies their validity bits run by run, which with short runs
+        /// (a few rows dropped here and there) took twice as long as `take`.
+        Filter(FilterPredicate, UInt32Array),
         Take(UInt32Array),
         Interleave(Vec<(usize, usize)>),
     }
@@ -1085,7 +999,9 @@ fn assemble(
             } else if increasing {
                 let mut keep = vec![false; n_incoming];
                 (0..rows.len()).for_each(|r| keep[source(part, r).row()] = true);
-                Index::Filter(FilterBuilder::new(&BooleanArray::from(keep)).optimize().build())
+                let filter = FilterBuilder::new(&BooleanArray::from(keep)).optimize().build();
+                let rows = UInt32Array::from_iter_values((0..rows.len()).map(|r| source(part, r).row() as u32));
+                Index::Filter(filter, rows)
             } else {
                 Index::Take(UInt32Array::from_iter_values((0..rows.len()).map(|r| source(part, r).row() as u32)))
             }
@@ -1105,7 +1021,14 @@ fn assemble(
     let out: Vec<Result<ArrayRef>> = par_map(ncols, per_thread, |c| {
         Ok(match index_of(c) {
             Index::All => ctx.batches[INCOMING].column(c).clone(),
-            Index::Filter(keep) => keep.filter(ctx.batches[INCOMING].column(c))?,
+            Index::Filter(keep, rows) => {
+                let col = ctx.batches[INCOMING].column(c);
+                if col.data_type().is_primitive() && col.null_count() > 0 {
+                    take(col, rows, None)?
+                } else {
+                    keep.filter(col)?
+                }
+            }
             Index::Take(idx) => take(ctx.batches[INCOMING].column(c), idx, None)?,
             Index::Interleave(idx) => {
                 let arrays = [ctx.batches[LOCAL].column(c).as_ref(), ctx.batches[INCOMING].column(c).as_ref()];
