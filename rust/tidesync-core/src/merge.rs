@@ -148,7 +148,7 @@ pub fn merge(local: &RecordBatch, incoming: &RecordBatch, key: &str, mode: Merge
 /// Incoming rows grouped by key, in order of first appearance, each with its local row.
 struct Groups {
     groups: Vec<Group>,
-    /// `next[i]`: the next incoming row with the same key as row `i`, or `u32::MAX`.
+    /// `next[i]`: the next incoming row with the same key as row `i`, or `NONE`.
     next: Vec<u32>,
 }
 
@@ -416,14 +416,14 @@ impl<'a> Ctx<'a> {
         acc: &mut Acc,
         out: &mut Output,
     ) {
-        if next[first as usize] == u32::MAX {
+        if next[first as usize] == NONE {
             // The common case, kept free of sorting and allocation: one incoming version.
             return self.merge_single(local.map(V::local), V::incoming(first), acc, out);
         }
         scratch.clear();
         scratch.extend(local.map(V::local));
         let mut row = first;
-        while row != u32::MAX {
+        while row != NONE {
             scratch.push(V::incoming(row));
             row = next[row as usize];
         }
