@@ -80,6 +80,9 @@ BINARY = ColType("binary", pa.binary(), _binaries)
 LARGE_BINARY = ColType("large_binary", pa.large_binary(), _binaries)
 UUID_BYTES = ColType("uuid_fsb16", pa.binary(16), _uuid_bytes)
 UUID_STR = ColType("uuid_str", pa.utf8(), _uuid_strs)
+# Text UUID keys are matched as 128-bit values when every key is canonical (lowercase);
+# the same UUIDs in upper case are other keys, and must stay other keys.
+UUID_STR_MIXED_CASE = ColType("uuid_str_mixed_case", pa.large_utf8(), st.one_of(_uuid_strs, _uuid_strs.map(str.upper)))
 
 #: Every column type the sync schema uses (diff and merge must compare all of them).
 VALUE_TYPES = (
@@ -99,7 +102,7 @@ VALUE_TYPES = (
 )
 
 #: The key types the spec lists.
-KEY_TYPES = (UTF8, LARGE_UTF8, INT32, INT64, UUID_BYTES, BINARY, LARGE_BINARY, UUID_STR)
+KEY_TYPES = (UTF8, LARGE_UTF8, INT32, INT64, UUID_BYTES, BINARY, LARGE_BINARY, UUID_STR, UUID_STR_MIXED_CASE)
 
 
 def small_keys(col: ColType, max_size: int) -> st.SearchStrategy[list[Any]]:

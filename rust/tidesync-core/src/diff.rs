@@ -10,7 +10,7 @@ use arrow_select::take::take;
 
 use crate::compare;
 use crate::error::{invalid, Result};
-use crate::keys::{check_len, column_index, duplicate, read_keys, FirstSeen, KeyIndex, KeyValues};
+use crate::keys::{check_len, column_index, duplicate, read_key_pair, FirstSeen, KeyIndex, KeyValues};
 use crate::parallel::par_map;
 use crate::schema::require_same_columns;
 
@@ -41,7 +41,7 @@ pub fn diff(old: &RecordBatch, new: &RecordBatch, key: &str) -> Result<Diff> {
             return Err(invalid(format!("column name {reserved:?} is reserved for diff output; rename it")));
         }
     }
-    let matches = match (read_keys(old, key, "old")?, read_keys(new, key, "new")?) {
+    let matches = match read_key_pair((old, "old"), (new, "new"), key)? {
         (KeyValues::Bytes(a), KeyValues::Bytes(b)) => match_keys(&a, &b, key)?,
         (KeyValues::Int(a), KeyValues::Int(b)) => match_keys(&a, &b, key)?,
         (KeyValues::Uuid(a), KeyValues::Uuid(b)) => match_keys(&a, &b, key)?,

@@ -17,9 +17,11 @@ pub mod hlc;
 mod join;
 mod keys;
 pub mod merge;
+mod node_ranks;
 pub mod order;
 pub mod parallel;
 mod schema;
+mod uuid_text;
 
 pub use diff::{diff, Diff};
 pub use digest::{digest, row_hashes};

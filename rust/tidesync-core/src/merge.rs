@@ -6,10 +6,10 @@
 use std::cmp::Ordering;
 use std::sync::Arc;
 
-use arrow_array::builder::{ListBuilder, StringBuilder};
-use arrow_array::cast::AsArray;
-use arrow_array::{Array, ArrayRef, BooleanArray, Int64Array, OffsetSizeTrait, RecordBatch, StringArray, UInt32Array};
-use arrow_buffer::{BooleanBuffer, Buffer, NullBuffer};
+use arrow_array::{
+    Array, ArrayRef, BooleanArray, Int64Array, ListArray, OffsetSizeTrait, RecordBatch, StringArray, UInt32Array,
+};
+use arrow_buffer::{BooleanBuffer, Buffer, NullBuffer, OffsetBuffer};
 use arrow_ord::cmp::distinct;
 use arrow_ord::ord::{make_comparator, DynComparator};
 use arrow_schema::{DataType, Field, Schema, SchemaRef};
@@ -20,7 +20,8 @@ use arrow_select::take::take;
 
 use crate::error::{invalid, CoreError, Result};
 use crate::join::{match_keys, NONE};
-use crate::keys::{read_keys, KeyHash, KeyValues};
+use crate::keys::{read_key_pair, KeyHash, KeyValues};
+use crate::node_ranks::node_ranks;
 use crate::order::VALUE_ORDER;
 use crate::parallel::{par_map, par_ranges};
 use crate::schema::{require_same_columns, union_nullability};
@@ -120,10 +121,12 @@ pub fn merge(local: &RecordBatch, incoming: &RecordBatch, key: &str, mode: Merge
         return Err(invalid("merge takes batches below 2^31 rows; split the incoming changes into pages"));
     }
     let ctx = Ctx::new(local, incoming, key, mode)?;
-    let groups = match (read_keys(local, key, "local")?, read_keys(incoming, key, "incoming")?) {
-        (KeyValues::Bytes(l), KeyValues::Bytes(i)) => group(&l, &i, key)?,
-        (KeyValues::Int(l), KeyValues::Int(i)) => group(&l, &i, key)?,
-        (KeyValues::Uuid(l), KeyValues::Uuid(i)) => group(&l, &i, key)?,
+    let stamps = if mode == MergeMode::Record { ctx.local_stamps() } else { Vec::new() };
+    let stamp = |row: u32| if row == NONE { LocalStamp::default() } else { stamps[row as usize] };
+    let groups = match read_key_pair((local, "local"), (incoming, "incoming"), key)? {
+        (KeyValues::Bytes(l), KeyValues::Bytes(i)) => group(&l, &i, key, mode, stamp)?,
+        (KeyValues::Int(l), KeyValues::Int(i)) => group(&l, &i, key, mode, stamp)?,
+        (KeyValues::Uuid(l), KeyValues::Uuid(i)) => group(&l, &i, key, mode, stamp)?,
         _ => return Err(invalid("key columns of local and incoming differ in type")),
     };
     // Keys are independent: decide contiguous ranges of groups on separate threads,
@@ -135,9 +138,18 @@ pub fn merge(local: &RecordBatch, incoming: &RecordBatch, key: &str, mode: Merge
         let mut scratch = Vec::new();
         let mut acc = Acc { row: V::local(0), cols: Vec::with_capacity(ctx.data_cols.len()) };
         for batch in groups.groups[start..start + len].chunks(WARM_BATCH) {
-            ctx.warm_local_rows(batch);
+            if ctx.mode == MergeMode::Field {
+                ctx.warm_local_rows(batch);
+            }
             for g in batch {
-                ctx.merge_group(g.local, g.first, &groups.next, &mut scratch, &mut acc, &mut out);
+                if ctx.mode == MergeMode::Record && groups.next[g.first as usize] == NONE {
+                    // The common case: one incoming version, decided on the local row's
+                    // gathered stamp (no read of the local batch here).
+                    let local = g.local.map(|l| (l, groups.stamp[g.first as usize]));
+                    ctx.decide_record(local, g.first, &mut out);
+                } else {
+                    ctx.merge_group(g.local, g.first, &groups.next, &mut scratch, &mut acc, &mut out);
+                }
             }
         }
         out
@@ -150,6 +162,18 @@ struct Groups {
     groups: Vec<Group>,
     /// `next[i]`: the next incoming row with the same key as row `i`, or `NONE`.
     next: Vec<u32>,
+    /// `stamp[i]`: the stamp of the local row of incoming row `i`'s key, if any.
+    stamp: Vec<LocalStamp>,
+}
+
+/// What record mode decides on of a key's local row, gathered for all keys before
+/// the decisions.
+#[derive(Clone, Copy, Default)]
+struct LocalStamp {
+    hlc: i64,
+    base: i64,
+    node: u32,
+    has_base: bool,
 }
 
 struct Group {
@@ -158,7 +182,13 @@ struct Group {
     local: Option<u32>,
 }
 
-fn group<K: KeyHash + Sync>(local: &[K], incoming: &[K], key: &str) -> Result<Groups> {
+fn group<K: KeyHash + Sync>(
+    local: &[K],
+    incoming: &[K],
+    key: &str,
+    mode: MergeMode,
+    stamp: impl Fn(u32) -> LocalStamp,
+) -> Result<Groups> {
     // Every key is hashed once, for the partitions and the tables of `match_keys`.
     let local_hash = par_map(local.len(), PARALLEL_MIN_KEYS, |row| local[row].key_hash());
     let incoming_hash = par_map(incoming.len(), PARALLEL_MIN_KEYS, |row| incoming[row].key_hash());
@@ -166,7 +196,7 @@ fn group<K: KeyHash + Sync>(local: &[K], incoming: &[K], key: &str) -> Result<Gr
     // Groups in order of first appearance; a later row of a key joins its leader's
     // group (a random read, but only for keys that come more than once).
     let n = incoming.len();
-    let mut groups = Groups { groups: Vec::with_capacity(n), next: vec![NONE; n] };
+    let mut groups = Groups { groups: Vec::with_capacity(n), next: vec![NONE; n], stamp: Vec::new() };
     let mut group_of_leader = vec![NONE; n];
     for (row, (&lead, &l)) in matches.leader.iter().zip(&matches.local).enumerate() {
         let row = row as u32;
@@ -179,24 +209,12 @@ fn group<K: KeyHash + Sync>(local: &[K], incoming: &[K], key: &str) -> Result<Gr
             g.last = row;
         }
     }
-    Ok(groups)
-}
-
-/// The node-id column, whichever string type it has.
-enum NodeCol<'a> {
-    Utf8(&'a StringArray),
-    Large(&'a arrow_array::LargeStringArray),
-    View(&'a arrow_array::StringViewArray),
-}
-
-impl NodeCol<'_> {
-    fn get(&self, row: usize) -> &str {
-        match self {
-            Self::Utf8(a) => a.value(row),
-            Self::Large(a) => a.value(row),
-            Self::View(a) => a.value(row),
-        }
+    // Record mode: the local rows' stamps, gathered in one tight loop, where their
+    // random reads overlap far better than in the decisions.
+    if mode == MergeMode::Record {
+        groups.stamp = matches.local.iter().map(|&l| stamp(l)).collect();
     }
+    Ok(groups)
 }
 
 /// A field-wise merged row: where its row-level part and each data column come from.
@@ -211,7 +229,11 @@ struct Ctx<'a> {
     mode: MergeMode,
     batches: [&'a RecordBatch; 2],
     hlc: [&'a [i64]; 2],
-    node: [NodeCol<'a>; 2],
+    /// `rank[side][row]`: the row's node id (`_node`) as its rank among all node
+    /// ids (`node_ranks`), so that comparing nodes reads no strings.
+    rank: [Vec<u32>; 2],
+    /// `node_names[rank]`: the node ids.
+    node_names: StringArray,
     base: [&'a Int64Array; 2],
     /// `cmp[col][a_side * 2 + b_side]` compares values of column `col` across sides.
     cmp: Vec<[DynComparator; 4]>,
@@ -265,21 +287,18 @@ impl<'a> Ctx<'a> {
             }
             Ok(arr)
         };
-        let node = |b: &'a RecordBatch| -> Result<NodeCol<'a>> {
+        let node = |b: &'a RecordBatch| -> Result<&'a ArrayRef> {
             let col = b.column(node_idx);
             if col.null_count() > 0 {
                 return Err(invalid(format!("column {NODE:?} has nulls; every version needs the node that wrote it")));
             }
-            Ok(match col.data_type() {
-                DataType::Utf8 => NodeCol::Utf8(col.as_string::<i32>()),
-                DataType::LargeUtf8 => NodeCol::Large(col.as_string::<i64>()),
-                DataType::Utf8View => NodeCol::View(col.as_string_view()),
-                other => {
-                    return Err(CoreError::UnsupportedType(format!("column {NODE:?} must be a string, got {other}")))
-                }
-            })
+            match col.data_type() {
+                DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View => Ok(col),
+                other => Err(CoreError::UnsupportedType(format!("column {NODE:?} must be a string, got {other}"))),
+            }
         };
         let hlc = [int64(local, hlc_idx, false)?.values().as_ref(), int64(incoming, hlc_idx, false)?.values().as_ref()];
+        let (rank, node_names) = node_ranks([node(local)?, node(incoming)?])?;
         let base = [int64(local, base_idx, true)?, int64(incoming, base_idx, true)?];
 
         let names: Vec<&String> = schema.fields().iter().map(|f| f.name()).collect();
@@ -311,7 +330,8 @@ impl<'a> Ctx<'a> {
             batches,
             eq,
             hlc,
-            node: [node(local)?, node(incoming)?],
+            rank,
+            node_names,
             base,
             cmp,
             tie_cols,
@@ -331,8 +351,8 @@ impl<'a> Ctx<'a> {
         for l in batch.iter().filter_map(|g| g.local) {
             let l = l as usize;
             sink ^= self.hlc[LOCAL][l] ^ self.base[LOCAL].values()[l];
-            // The node id's bytes (reading them reads its offsets): `sequential` compares them.
-            sink ^= self.node[LOCAL].get(l).as_bytes().first().copied().unwrap_or(0) as i64;
+            // The node id's rank: `sequential` compares them.
+            sink ^= self.rank[LOCAL][l] as i64;
             // Field mode compares every column's stamp: without this, each is a
             // cache miss of its own, taken one after another (half the time of an
             // apply-shaped field merge).
@@ -345,10 +365,6 @@ impl<'a> Ctx<'a> {
 
     fn hlc(&self, v: V) -> i64 {
         self.hlc[v.side()][v.row()]
-    }
-
-    fn node(&self, v: V) -> &str {
-        self.node[v.side()].get(v.row())
     }
 
     /// `_base_hlc`, None when null.
@@ -367,9 +383,13 @@ impl<'a> Ctx<'a> {
         (self.cmp[c][a.side() * 2 + b.side()])(a.row(), b.row())
     }
 
+    fn rank(&self, v: V) -> u32 {
+        self.rank[v.side()][v.row()]
+    }
+
     /// Order by (hlc, node) only.
     fn stamp_order(&self, a: V, b: V) -> Ordering {
-        self.hlc(a).cmp(&self.hlc(b)).then_with(|| self.node(a).as_bytes().cmp(self.node(b).as_bytes()))
+        self.hlc(a).cmp(&self.hlc(b)).then_with(|| self.rank(a).cmp(&self.rank(b)))
     }
 
     /// Record mode: the full row order; field mode: the row-level order.
@@ -404,7 +424,45 @@ impl<'a> Ctx<'a> {
 
     /// Whether `w` (the greater by (hlc, node)) follows `l` without a conflict.
     fn sequential(&self, w: V, l: V) -> bool {
-        self.base(w) == Some(self.hlc(l)) || self.node(w) == self.node(l)
+        self.base(w) == Some(self.hlc(l)) || self.rank(w) == self.rank(l)
+    }
+
+    /// What record mode decides on of every local row, in row order: a key's is then
+    /// one read (`LocalStamp` packs what is in three columns).
+    fn local_stamps(&self) -> Vec<LocalStamp> {
+        let (hlc, base, rank) = (self.hlc[LOCAL], self.base[LOCAL], &self.rank[LOCAL]);
+        let stamp = |r: usize, has_base| LocalStamp { hlc: hlc[r], base: base.values()[r], node: rank[r], has_base };
+        match base.nulls().filter(|n| n.null_count() > 0) {
+            None => (0..hlc.len()).map(|r| stamp(r, true)).collect(),
+            Some(nulls) => (0..hlc.len()).map(|r| stamp(r, nulls.is_valid(r))).collect(),
+        }
+    }
+
+    /// Record mode, a key with one incoming version: the same decision as
+    /// `merge_single`, on the local row's gathered stamp.
+    fn decide_record(&self, local: Option<(u32, LocalStamp)>, first: u32, out: &mut Output) {
+        let inc = V::incoming(first);
+        let Some((l, st)) = local else {
+            return out.write_record(inc, None);
+        };
+        let loc = V::local(l);
+        let (hlc, node) = (self.hlc(inc), self.rank(inc));
+        let local_base = st.has_base.then_some(st.base);
+        match hlc.cmp(&st.hlc).then(node.cmp(&st.node)) {
+            Ordering::Greater => {
+                // `record_conflict(loc, inc)`: concurrent unless `inc` follows `loc`.
+                if self.base(inc) != Some(st.hlc) && node != st.node {
+                    out.concurrent.push((loc, inc));
+                }
+                out.write_record(inc, Some(l));
+            }
+            Ordering::Less => {
+                if local_base != Some(hlc) && node != st.node {
+                    out.concurrent.push((inc, loc));
+                }
+            }
+            Ordering::Equal => out.ties.push((first, l)),
+        }
     }
 
     fn merge_group(
@@ -656,6 +714,9 @@ impl ValueEq {
             return na == nb;
         }
         match self.kind {
+            // The usual widths as one load each, not a `memcmp` of `w` bytes.
+            EqKind::Fixed(8) => self.word::<8>(a) == self.word::<8>(b),
+            EqKind::Fixed(4) => self.word::<4>(a) == self.word::<4>(b),
             EqKind::Fixed(w) => self.fixed(a, w) == self.fixed(b, w),
             EqKind::Bytes32 => self.bytes::<i32>(a) == self.bytes::<i32>(b),
             EqKind::Bytes64 => self.bytes::<i64>(a) == self.bytes::<i64>(b),
@@ -664,6 +725,11 @@ impl ValueEq {
                 cmp[a.side() * 2 + b.side()](a.row(), b.row()) == Ordering::Equal
             }
         }
+    }
+
+    #[inline]
+    fn word<const W: usize>(&self, v: V) -> [u8; W] {
+        self.values[v.side()].as_slice()[v.row() * W..(v.row() + 1) * W].try_into().expect("W bytes")
     }
 
     fn fixed(&self, v: V, width: usize) -> &[u8] {
@@ -821,7 +887,8 @@ impl Output {
             MergeMode::Record => record_conflicts(ctx, &schema, &self.concurrent)?,
             MergeMode::Field => self.field_conflicts(ctx, &schema)?,
         };
-        let inserted: BooleanArray = self.local.iter().map(|&l| Some(l == NONE)).collect();
+        let inserted =
+            BooleanArray::new(BooleanBuffer::collect_bool(self.local.len(), |r| self.local[r] == NONE), None);
         Ok(MergeOutput {
             rows,
             inserted,
@@ -842,22 +909,28 @@ fn conflict_batch<L: IntoIterator<Item = usize>>(
     winners: &[V],
     lost: impl Iterator<Item = L>,
 ) -> Result<RecordBatch> {
-    let winner_hlc: Int64Array = winners.iter().map(|&w| Some(ctx.hlc(w))).collect();
-    let winner_node: StringArray = winners.iter().map(|&w| Some(ctx.node(w))).collect();
-    let mut names = ListBuilder::new(StringBuilder::new());
+    let winner_hlc = Int64Array::from_iter_values(winners.iter().map(|&w| ctx.hlc(w)));
+    let ranks = UInt32Array::from_iter_values(winners.iter().map(|&w| ctx.rank(w)));
+    let winner_node = take(&ctx.node_names, &ranks, None)?;
+    // `_lost_columns`: the names, taken from the list of data column names.
+    let (mut offsets, mut which) = (vec![0i32], Vec::new());
     for columns_lost in lost {
-        for d in columns_lost {
-            names.values().append_value(&ctx.data_names[d]);
-        }
-        names.append(true);
+        which.extend(columns_lost.into_iter().map(|d| d as u32));
+        offsets.push(which.len() as i32);
     }
-    let names = names.finish();
+    let data_names = StringArray::from_iter_values(&ctx.data_names);
+    let names = ListArray::new(
+        Arc::new(Field::new_list_field(DataType::Utf8, true)),
+        OffsetBuffer::new(offsets.into()),
+        take(&data_names, &UInt32Array::from(which), None)?,
+        None,
+    );
     let mut fields: Vec<Field> = schema.fields().iter().map(|f| f.as_ref().clone()).collect();
     fields.push(Field::new(WINNER_HLC, DataType::Int64, false));
     fields.push(Field::new(WINNER_NODE, DataType::Utf8, false));
     fields.push(Field::new(LOST_COLUMNS, names.data_type().clone(), false));
     columns.push(Arc::new(winner_hlc));
-    columns.push(Arc::new(winner_node));
+    columns.push(winner_node);
     columns.push(Arc::new(names));
     Ok(RecordBatch::try_new(Arc::new(Schema::new(fields)), columns)?)
 }
@@ -951,7 +1024,7 @@ fn incoming_wins_ties(ctx: &Ctx, ties: &[(u32, u32)]) -> Result<Vec<bool>> {
 
 /// Row numbers with `NONE` as null.
 fn optional_rows(rows: Vec<u32>) -> UInt32Array {
-    let valid = NullBuffer::from(rows.iter().map(|&r| r != NONE).collect::<Vec<bool>>());
+    let valid = NullBuffer::new(BooleanBuffer::collect_bool(rows.len(), |r| rows[r] != NONE));
     let nulls = (valid.null_count() > 0).then_some(valid);
     UInt32Array::new(rows.into(), nulls)
 }

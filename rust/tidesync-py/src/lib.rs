@@ -2,6 +2,7 @@
 //! function here unpacks Python arguments, calls the core with the GIL released,
 //! and packs the result. Semantics live in the core crate.
 
+mod alloc;
 mod convert;
 mod errors;
 
@@ -177,6 +178,7 @@ fn max_threads() -> usize {
 
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    alloc::configure();
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     errors::register(m)?;
     m.add_class::<PyHybridClock>()?;
