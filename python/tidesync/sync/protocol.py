@@ -19,7 +19,10 @@ from tidesync.errors import AuthError, ProtocolError, SchemaMismatchError, SyncE
 from tidesync.registry import Registry
 
 #: Bumped when the protocol changes incompatibly; checked at session open.
-PROTOCOL_VERSION = 1
+#: 2: digests and row hashes (verify) hash byte strings with tidesync's own hash
+#: (docs/semantics.md, "Digests"), so a node and a central server of different
+#: versions would see every bucket differ.
+PROTOCOL_VERSION = 2
 #: Schema metadata key naming a page's table.
 TABLE_KEY = b"tidesync.table"
 #: Rows per page a sender aims for (pages are also capped in bytes by the receiver).

@@ -1,7 +1,7 @@
 //! Range digests: hash rows into buckets of the key-hash space so that two nodes
 //! can find which buckets differ by exchanging a few kilobytes, then which rows.
 //!
-//! A row's bucket depends on its key only (the top bits of `xxh3_64(key)`), so a
+//! A row's bucket depends on its key only (the top bits of its key's hash, `hash::hash_bytes` for text and binary keys), so a
 //! row stays in its bucket across versions, and bucket `b` of `2^k` splits into
 //! `2b` and `2b + 1` of `2^(k+1)`. A row's hash starts from the key hash and folds
 //! in each listed column; a bucket's hash is the wrapping sum of its rows' hashes,
@@ -15,9 +15,9 @@ use arrow_array::types::*;
 use arrow_array::{Array, ArrayRef, ArrowPrimitiveType, OffsetSizeTrait, RecordBatch, UInt32Array, UInt64Array};
 use arrow_buffer::NullBuffer;
 use arrow_schema::{DataType, Field, Schema, TimeUnit};
-use xxhash_rust::xxh3::xxh3_64;
 
 use crate::error::{invalid, CoreError, Result};
+use crate::hash::{hash_bytes, hash_in, hash_u64};
 use crate::keys::{check_len, column_index};
 use crate::parallel::{par_ranges, split_by};
 
@@ -31,23 +31,26 @@ const PARALLEL_MIN_ROWS: usize = 64 * 1024;
 pub fn digest(batch: &RecordBatch, key: &str, buckets: u32, columns: &[&str]) -> Result<RecordBatch> {
     let input = Input::new(batch, key, buckets, columns)?;
     // Each thread sums its rows into its own buckets; the sums are added after.
+    // A bucket's count and sum side by side: one cache line to update per row.
     let partials = par_ranges(batch.num_rows(), PARALLEL_MIN_ROWS, |start, len| {
-        let mut rows = vec![0u64; buckets as usize];
-        let mut sums = vec![0u64; buckets as usize];
+        let mut acc = vec![(0u64, 0u64); buckets as usize];
         input.hash_rows(start, len, |bucket_of, hash| {
-            for (b, h) in bucket_of.iter().zip(hash) {
-                rows[*b as usize] += 1;
-                sums[*b as usize] = sums[*b as usize].wrapping_add(*h);
+            for (&b, &h) in bucket_of.iter().zip(hash) {
+                // `b` is below `buckets` (it is the top bits of a hash): `get_mut` only
+                // spares the bounds check's panic path.
+                if let Some(a) = acc.get_mut(b as usize) {
+                    *a = (a.0 + 1, a.1.wrapping_add(h));
+                }
             }
         });
-        (rows, sums)
+        acc
     });
     let mut rows = vec![0u64; buckets as usize];
     let mut sums = vec![0u64; buckets as usize];
-    for (r, h) in partials {
-        for b in 0..buckets as usize {
-            rows[b] += r[b];
-            sums[b] = sums[b].wrapping_add(h[b]);
+    for part in partials {
+        for (b, (r, h)) in part.into_iter().enumerate() {
+            rows[b] += r;
+            sums[b] = sums[b].wrapping_add(h);
         }
     }
     let schema = Schema::new(vec![
@@ -185,8 +188,8 @@ impl<'a> Column<'a> {
     }
 
     /// Fold rows `start..start + hash.len()` into the row hashes. Variable-width
-    /// values go through `xxh3_64`; fixed-width ones are used raw when mixed in, and
-    /// hashed with `xxh3_64` of their 8 little-endian bytes as a key (so that bucket
+    /// values go through `hash_bytes`; fixed-width ones are used raw when mixed in, and
+    /// hashed as their 8 little-endian bytes as a key (so that bucket
     /// prefixes are uniform).
     fn fold(&self, hash: &mut [u64], start: usize, how: Fold) {
         let col = self.array.as_ref();
@@ -210,11 +213,11 @@ impl<'a> Column<'a> {
             }
             DataType::Utf8View => {
                 let a = col.as_string_view();
-                fold_values(hash, n, start, how, |i| xxh3_64(a.value(i).as_bytes()))
+                fold_values(hash, n, start, how, |i| hash_bytes(a.value(i).as_bytes()))
             }
             DataType::FixedSizeBinary(_) => {
                 let a = col.as_fixed_size_binary();
-                fold_values(hash, n, start, how, |i| xxh3_64(a.value(i)))
+                fold_values(hash, n, start, how, |i| hash_bytes(a.value(i)))
             }
             DataType::Boolean => {
                 let a = col.as_boolean();
@@ -292,7 +295,7 @@ fn fold_values(hash: &mut [u64], nulls: Option<&NullBuffer>, start: usize, how: 
     }
 }
 
-/// Strings and binaries: `xxh3_64` of each value's bytes, read through the offsets.
+/// Strings and binaries: `hash_in` of each value's bytes, read through the offsets.
 #[inline(always)]
 fn fold_offsets<O: OffsetSizeTrait>(
     hash: &mut [u64],
@@ -303,10 +306,26 @@ fn fold_offsets<O: OffsetSizeTrait>(
     data: &[u8],
 ) {
     let offsets = &offsets[start..=start + hash.len()];
-    fold_values(hash, nulls, start, how, |i| {
-        let (from, to) = (offsets[i - start].as_usize(), offsets[i - start + 1].as_usize());
-        xxh3_64(&data[from..to])
-    })
+    // The usual cases (no nulls) walk the offsets pairwise, with no index to check.
+    match (nulls, how) {
+        (None, Fold::Seed) => {
+            for (h, w) in hash.iter_mut().zip(offsets.windows(2)) {
+                *h = value_hash(data, w);
+            }
+        }
+        (None, Fold::Mix) => {
+            for (h, w) in hash.iter_mut().zip(offsets.windows(2)) {
+                *h = mix(*h, value_hash(data, w));
+            }
+        }
+        (Some(_), _) => fold_values(hash, nulls, start, how, |i| value_hash(data, &offsets[i - start..i - start + 2])),
+    }
+}
+
+/// `hash_in` of the value between a pair of offsets.
+#[inline(always)]
+fn value_hash<O: OffsetSizeTrait>(data: &[u8], bounds: &[O]) -> u64 {
+    hash_in(data, bounds[0].as_usize(), bounds[1].as_usize())
 }
 
 /// Fixed-width values, read straight from the values buffer as i64.
@@ -328,7 +347,7 @@ fn fold_primitive<T: ArrowPrimitiveType>(
 #[inline]
 fn scalar(v: i64, how: Fold) -> u64 {
     match how {
-        Fold::Seed => xxh3_64(&v.to_le_bytes()),
+        Fold::Seed => hash_u64(v as u64),
         Fold::Mix => v as u64,
     }
 }

@@ -8,7 +8,7 @@ use std::hash::Hash;
 
 use arrow_array::cast::AsArray;
 use arrow_array::types::{Int32Type, Int64Type};
-use arrow_array::{Array, RecordBatch};
+use arrow_array::{Array, ArrayRef, RecordBatch};
 use arrow_schema::DataType;
 use hashbrown::hash_table::Entry;
 use hashbrown::{DefaultHashBuilder, HashTable};
@@ -42,15 +42,31 @@ pub(crate) fn read_key_pair<'a>(
     b: (&'a RecordBatch, &str),
     key: &str,
 ) -> Result<(KeyValues<'a>, KeyValues<'a>)> {
-    let (ka, kb) = (read_keys(a.0, key, a.1)?, read_keys(b.0, key, b.1)?);
-    if let (KeyValues::Bytes(x), KeyValues::Bytes(y)) = (&ka, &kb) {
-        if let Some(x) = uuid_text::parse_all(x) {
-            if let Some(y) = uuid_text::parse_all(y) {
+    let (ca, cb) = (a.0.column(column_index(a.0, key, "key")?), b.0.column(column_index(b.0, key, "key")?));
+    // Null keys are left to `read_keys`, which says which side has them.
+    if ca.null_count() == 0 && cb.null_count() == 0 {
+        if let Some(x) = uuid_values(ca) {
+            if let Some(y) = uuid_values(cb) {
                 return Ok((KeyValues::Uuid(x), KeyValues::Uuid(y)));
             }
         }
     }
-    Ok((ka, kb))
+    Ok((read_keys(a.0, key, a.1)?, read_keys(b.0, key, b.1)?))
+}
+
+/// A text key column (no nulls: `read_keys` checked) as UUID values, if all are.
+fn uuid_values(col: &ArrayRef) -> Option<Vec<u128>> {
+    match col.data_type() {
+        DataType::Utf8 => {
+            let a = col.as_string::<i32>();
+            uuid_text::parse_all(a.value_offsets(), a.value_data())
+        }
+        DataType::LargeUtf8 => {
+            let a = col.as_string::<i64>();
+            uuid_text::parse_all(a.value_offsets(), a.value_data())
+        }
+        _ => None,
+    }
 }
 
 /// Read the key column of `batch`. Null keys are an error: a row without a key
@@ -179,7 +195,7 @@ pub(crate) trait KeyHash: Copy + Eq {
 impl KeyHash for &[u8] {
     #[inline]
     fn key_hash(&self) -> u64 {
-        xxhash_rust::xxh3::xxh3_64(self)
+        crate::hash::hash_bytes(self)
     }
 
     #[inline]
@@ -198,7 +214,10 @@ impl KeyHash for i64 {
 impl KeyHash for u128 {
     #[inline]
     fn key_hash(&self) -> u64 {
-        fmix64(*self as u64 ^ fmix64((*self >> 64) as u64).rotate_left(32))
+        // One 128-bit product of the two halves (wyhash's fold): every input bit
+        // reaches the top bits (partitions) and the low bits (table slots).
+        let p = (*self as u64 ^ 0x2d35_8dcc_aa6c_78a5) as u128 * ((*self >> 64) as u64 ^ 0x8bb8_4b93_962e_acc9) as u128;
+        p as u64 ^ (p >> 64) as u64
     }
 }
 

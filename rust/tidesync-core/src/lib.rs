@@ -13,6 +13,7 @@ mod compare;
 pub mod diff;
 pub mod digest;
 pub mod error;
+mod hash;
 pub mod hlc;
 mod join;
 mod keys;

@@ -14,18 +14,21 @@
 //! On x86-64 with SSSE3 (every x86-64 CPU of the last fifteen years) a text is read
 //! with a few vector instructions; elsewhere eight digits at a time in a 64-bit word.
 
-/// Every key as the value of its canonical UUID text, in order; None as soon as one
-/// is not such a text.
-pub(crate) fn parse_all(keys: &[&[u8]]) -> Option<Vec<u128>> {
-    let mut out = Vec::with_capacity(keys.len());
+use arrow_array::OffsetSizeTrait;
+
+/// Every value of a string or binary column (`offsets` into `data`, no nulls) as the
+/// value of its canonical UUID text, in order; None as soon as one is not such a text.
+pub(crate) fn parse_all<O: OffsetSizeTrait>(offsets: &[O], data: &[u8]) -> Option<Vec<u128>> {
+    let texts = offsets.windows(2).map(|w| &data[w[0].as_usize()..w[1].as_usize()]);
+    let mut out = Vec::with_capacity(offsets.len().saturating_sub(1));
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("ssse3") {
         // SAFETY: the CPU has SSSE3, checked just above.
-        let all = unsafe { x86::parse_into(keys, &mut out) };
+        let all = unsafe { x86::parse_into(texts, &mut out) };
         return all.then_some(out);
     }
-    for k in keys {
-        out.push(parse_swar(k)?);
+    for t in texts {
+        out.push(parse_swar(t)?);
     }
     Some(out)
 }
@@ -78,7 +81,7 @@ mod x86 {
 
     /// Parse every key into `out`; false as soon as one is not a canonical text.
     #[target_feature(enable = "ssse3")]
-    pub(super) unsafe fn parse_into(keys: &[&[u8]], out: &mut Vec<u128>) -> bool {
+    pub(super) unsafe fn parse_into<'a>(keys: impl Iterator<Item = &'a [u8]>, out: &mut Vec<u128>) -> bool {
         for k in keys {
             match parse(k) {
                 Some(v) => out.push(v),
@@ -191,7 +194,7 @@ mod tests {
         check(b"00000000-0000-0000-0000-000000000000");
         check(b"ffffffff-ffff-ffff-ffff-ffffffffffff");
         assert_eq!(
-            parse_all(&[s.as_slice(), b"00000000-0000-0000-0000-000000000001"]),
+            parse_all(&[0i32, 36, 72], &[s.as_slice(), b"00000000-0000-0000-0000-000000000001"].concat()),
             Some(vec![0x0190a5e2_7c3b_7def_8a01_23456789abcf, 1])
         );
     }
@@ -222,6 +225,7 @@ mod tests {
             check(s.as_bytes());
             assert_eq!(parse_swar(s.as_bytes()), None, "{s}");
         }
-        assert_eq!(parse_all(&[b"0190a5e2-7c3b-7def-8a01-23456789abcf".as_slice(), b"x"]), None);
+        let data = [b"0190a5e2-7c3b-7def-8a01-23456789abcf".as_slice(), b"x"].concat();
+        assert_eq!(parse_all(&[0i64, 36, 37], &data), None);
     }
 }
