@@ -61,7 +61,7 @@ def test_bad_token_is_refused(network: Net) -> None:
 
 def test_protocol_and_schema_mismatch_name_both_versions(network: Net) -> None:
     with _client(network) as client:
-        with pytest.raises(SchemaMismatchError, match=r"node speaks 99, central speaks 1"):
+        with pytest.raises(SchemaMismatchError, match=rf"node speaks 99, central speaks {PROTOCOL_VERSION}"):
             client.call("POST", "/v1/sessions", json={"protocol": 99, "fingerprint": fingerprint(REGISTRY)})
         with pytest.raises(SchemaMismatchError, match="fingerprint abc.*central has 'demo' fingerprint"):
             client.call("POST", "/v1/sessions", json={"protocol": PROTOCOL_VERSION, "registry": "x",

@@ -13,7 +13,6 @@ use arrow_buffer::{BooleanBuffer, Buffer, NullBuffer, OffsetBuffer};
 use arrow_ord::cmp::distinct;
 use arrow_ord::ord::{make_comparator, DynComparator};
 use arrow_schema::{DataType, Field, Schema, SchemaRef};
-use arrow_select::concat::concat_batches;
 use arrow_select::filter::{FilterBuilder, FilterPredicate};
 use arrow_select::interleave::interleave;
 use arrow_select::take::take;
@@ -240,7 +239,8 @@ struct Ctx<'a> {
     /// `eq[d]`: typed equality of data column number `d`, for logging conflicts.
     eq: Vec<ValueEq>,
     /// Columns that break (hlc, node) ties, in schema order: all others in record
-    /// mode, the row-level ones in field mode.
+    /// mode, the row-level ones in field mode; but the key, which is the same in
+    /// every pair of versions compared.
     tie_cols: Vec<usize>,
     /// Data columns (neither key nor `_`-prefixed) and, in field mode, their stamps.
     data_cols: Vec<usize>,
@@ -312,7 +312,7 @@ impl<'a> Ctx<'a> {
             }
         }
         let tie_cols: Vec<usize> = (0..names.len())
-            .filter(|&c| c != hlc_idx && c != node_idx)
+            .filter(|&c| c != hlc_idx && c != node_idx && c != key_idx)
             .filter(|c| mode == MergeMode::Record || (!data_cols.contains(c) && !stamp_idx.contains(c)))
             .collect();
         let mut cmp = Vec::with_capacity(names.len());
@@ -937,59 +937,49 @@ fn conflict_batch<L: IntoIterator<Item = usize>>(
 
 /// Record mode: the conflict batch of the concurrent `(loser, winner)` pairs found
 /// while deciding: each loser's row with the data columns where it differs from its
-/// winner, unless it differs in none. Built a column at a time with Arrow kernels:
-/// the losers of each side are `take`n and the winners' values `interleave`d (tight
-/// gather loops over random rows, whose cache misses overlap), then the gathered
-/// columns are compared in order.
+/// winner, unless it differs in none. Built a column at a time with Arrow kernels
+/// (tight gather loops over random rows, whose cache misses overlap): each data
+/// column of the losers and of the winners is gathered from both sides at once
+/// (`interleave`) and compared in order; the losers' gathered values are then the
+/// output column (filtered to the pairs kept), and the other columns are gathered
+/// for the kept pairs only. Rows come in the order of `pairs`.
 fn record_conflicts(ctx: &Ctx, schema: &SchemaRef, pairs: &[(V, V)]) -> Result<RecordBatch> {
     let ncols = ctx.batches[INCOMING].num_columns();
     let nd = ctx.data_cols.len();
     let per_thread = if pairs.len() >= PARALLEL_MIN_KEYS / 4 { 1 } else { usize::MAX };
-    let mut parts = Vec::with_capacity(2);
-    for side in [LOCAL, INCOMING] {
-        let pairs: Vec<(V, V)> = pairs.iter().filter(|(l, _)| l.side() == side).copied().collect();
-        let losers = UInt32Array::from_iter_values(pairs.iter().map(|(l, _)| l.row() as u32));
-        let columns: Vec<ArrayRef> = par_map(ncols, per_thread, |c| take(ctx.batches[side].column(c), &losers, None))
-            .into_iter()
-            .collect::<std::result::Result<_, _>>()?;
-        let winners: Vec<(usize, usize)> = pairs.iter().map(|(_, w)| (w.side(), w.row())).collect();
-        let differs: Vec<BooleanBuffer> =
-            par_map(nd, per_thread, |d| differs_from_winners(ctx, d, &columns[ctx.data_cols[d]], &winners, &pairs))
-                .into_iter()
-                .collect::<Result<_>>()?;
-        let keep: Vec<usize> = (0..pairs.len()).filter(|&p| differs.iter().any(|b| b.value(p))).collect();
-        let columns = if keep.len() == pairs.len() {
-            columns
-        } else {
-            let keep = UInt32Array::from_iter_values(keep.iter().map(|&p| p as u32));
-            columns.iter().map(|c| take(c, &keep, None)).collect::<std::result::Result<_, _>>()?
+    let sides = |c: usize| [ctx.batches[LOCAL].column(c).as_ref(), ctx.batches[INCOMING].column(c).as_ref()];
+    let losers: Vec<(usize, usize)> = pairs.iter().map(|(l, _)| (l.side(), l.row())).collect();
+    let winners: Vec<(usize, usize)> = pairs.iter().map(|(_, w)| (w.side(), w.row())).collect();
+    // Per data column: the losers' values, and which of them differ from the winners'.
+    let data: Vec<(ArrayRef, BooleanBuffer)> = par_map(nd, per_thread, |d| -> Result<_> {
+        let c = ctx.data_cols[d];
+        let lost = interleave(&sides(c), &losers)?;
+        // `distinct` is null-aware (two nulls are equal) and compares floats by their
+        // bits, as `ValueEq` does; types it does not cover are compared pair by pair.
+        let differs = match distinct(&lost, &interleave(&sides(c), &winners)?) {
+            Ok(mask) => mask.values().clone(),
+            Err(_) => pairs.iter().map(|&(l, w)| !ctx.eq[d].eq(l, w)).collect(),
         };
-        let kept_winners: Vec<V> = keep.iter().map(|&p| pairs[p].1).collect();
-        let differs = &differs;
-        let lost = keep.iter().map(|&p| (0..nd).filter(move |&d| differs[d].value(p)));
-        parts.push(conflict_batch(ctx, schema, columns, &kept_winners, lost)?);
-    }
-    Ok(concat_batches(&parts[0].schema(), &parts)?)
-}
-
-/// Record mode: whether each loser value of data column `d` (gathered in
-/// `losers`) differs from its winner's, by the column's equality (`ValueEq`).
-fn differs_from_winners(
-    ctx: &Ctx,
-    d: usize,
-    losers: &ArrayRef,
-    winners: &[(usize, usize)],
-    pairs: &[(V, V)],
-) -> Result<BooleanBuffer> {
-    let c = ctx.data_cols[d];
-    let arrays = [ctx.batches[LOCAL].column(c).as_ref(), ctx.batches[INCOMING].column(c).as_ref()];
-    let won = interleave(&arrays, winners)?;
-    // `distinct` is null-aware (two nulls are equal) and compares floats by their
-    // bits, as `ValueEq` does; types it does not cover are compared pair by pair.
-    Ok(match distinct(losers, &won) {
-        Ok(mask) => mask.values().clone(),
-        Err(_) => pairs.iter().map(|&(l, w)| !ctx.eq[d].eq(l, w)).collect(),
+        Ok((lost, differs))
     })
+    .into_iter()
+    .collect::<Result<_>>()?;
+    let any = data.iter().fold(BooleanBuffer::new_unset(pairs.len()), |a, (_, b)| &a | b);
+    let kept: Vec<usize> = any.set_indices().collect();
+    let all_kept = kept.len() == pairs.len();
+    let keep = FilterBuilder::new(&BooleanArray::new(any, None)).optimize().build();
+    let kept_losers: Vec<(usize, usize)> = kept.iter().map(|&p| losers[p]).collect();
+    let columns: Vec<ArrayRef> = par_map(ncols, per_thread, |c| match ctx.data_cols.iter().position(|&x| x == c) {
+        Some(d) if all_kept => Ok(data[d].0.clone()),
+        Some(d) => keep.filter(&data[d].0),
+        None => interleave(&sides(c), &kept_losers),
+    })
+    .into_iter()
+    .collect::<std::result::Result<_, _>>()?;
+    let kept_winners: Vec<V> = kept.iter().map(|&p| pairs[p].1).collect();
+    let data = &data;
+    let lost = kept.iter().map(|&p| (0..nd).filter(move |&d| data[d].1.value(p)));
+    conflict_batch(ctx, schema, columns, &kept_winners, lost)
 }
 
 /// Record mode: whether the incoming row of each `(incoming, local)` pair of equal
