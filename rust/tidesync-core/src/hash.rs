@@ -30,7 +30,7 @@ const S: [u64; 10] = [
 
 /// `MASK_LOW[len]` keeps the first `min(len, 8)` bytes of a little-endian word;
 /// `MASK_HIGH[len]` the first `len - 8` bytes of the next (strings of up to 16 bytes).
-const MASK_LOW: [u64; 17] = {
+pub(crate) const MASK_LOW: [u64; 17] = {
     let mut m = [u64::MAX; 17];
     let mut len = 0;
     while len < 8 {
@@ -39,7 +39,7 @@ const MASK_LOW: [u64; 17] = {
     }
     m
 };
-const MASK_HIGH: [u64; 17] = {
+pub(crate) const MASK_HIGH: [u64; 17] = {
     let mut m = [0u64; 17];
     let mut len = 9;
     while len <= 16 {
@@ -66,9 +66,9 @@ fn finish(acc: u64, len: usize) -> u64 {
     mum(acc ^ S[8], len as u64 ^ S[9])
 }
 
-/// A string of up to 16 bytes given as its two words, zero past its end.
+/// The hash of a string of up to 16 bytes given as its two words, zero past its end.
 #[inline(always)]
-fn short(low: u64, high: u64, len: usize) -> u64 {
+pub(crate) fn short(low: u64, high: u64, len: usize) -> u64 {
     finish(mum(low ^ S[0], high ^ S[1]), len)
 }
 

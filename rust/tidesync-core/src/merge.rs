@@ -427,19 +427,25 @@ impl<'a> Ctx<'a> {
         self.base(w) == Some(self.hlc(l)) || self.rank(w) == self.rank(l)
     }
 
-    /// What record mode decides on of every local row, in row order: a key's is then
-    /// one read (`LocalStamp` packs what is in three columns).
-    fn local_stamps(&self) -> Vec<LocalStamp> {
-        let (hlc, base, rank) = (self.hlc[LOCAL], self.base[LOCAL], &self.rank[LOCAL]);
-        let stamp = |r: usize, has_base| LocalStamp { hlc: hlc[r], base: base.values()[r], node: rank[r], has_base };
-        match base.nulls().filter(|n| n.null_count() > 0) {
-            None => (0..hlc.len()).map(|r| stamp(r, true)).collect(),
-            Some(nulls) => (0..hlc.len()).map(|r| stamp(r, nulls.is_valid(r))).collect(),
+    /// What record mode decides on of local row `r`.
+    fn local_stamp(&self, r: usize) -> LocalStamp {
+        let base = self.base[LOCAL];
+        LocalStamp {
+            hlc: self.hlc[LOCAL][r],
+            base: base.values()[r],
+            node: self.rank[LOCAL][r],
+            has_base: base.is_valid(r),
         }
     }
 
-    /// Record mode, a key with one incoming version: the same decision as
-    /// `merge_single`, on the local row's gathered stamp.
+    /// `local_stamp` of every local row, in row order: a key's is then one read
+    /// (`LocalStamp` packs what is in three columns).
+    fn local_stamps(&self) -> Vec<LocalStamp> {
+        (0..self.hlc[LOCAL].len()).map(|r| self.local_stamp(r)).collect()
+    }
+
+    /// Record mode, a key with one incoming version (incoming row `first`), decided on
+    /// the local row's stamp; the same as the general fold over the two versions.
     fn decide_record(&self, local: Option<(u32, LocalStamp)>, first: u32, out: &mut Output) {
         let inc = V::incoming(first);
         let Some((l, st)) = local else {
@@ -461,6 +467,8 @@ impl<'a> Ctx<'a> {
                     out.concurrent.push((inc, loc));
                 }
             }
+            // The same (hlc, node) is never a conflict; the other columns decide
+            // (`full_order`), later, for all such keys at once (`incoming_wins_ties`).
             Ordering::Equal => out.ties.push((first, l)),
         }
     }
@@ -476,7 +484,10 @@ impl<'a> Ctx<'a> {
     ) {
         if next[first as usize] == NONE {
             // The common case, kept free of sorting and allocation: one incoming version.
-            return self.merge_single(local.map(V::local), V::incoming(first), acc, out);
+            return match self.mode {
+                MergeMode::Record => self.decide_record(local.map(|l| (l, self.local_stamp(l as usize))), first, out),
+                MergeMode::Field => self.merge_single(local.map(V::local), V::incoming(first), acc, out),
+            };
         }
         scratch.clear();
         scratch.extend(local.map(V::local));
@@ -542,64 +553,43 @@ impl<'a> Ctx<'a> {
         }
     }
 
-    /// Merge one incoming version with the local row, if any. Same result as the
-    /// general fold over the two versions, without sorting them.
+    /// Field mode: merge one incoming version with the local row, if any. Same result
+    /// as the general fold over the two versions, without sorting them.
     fn merge_single(&self, loc: Option<V>, inc: V, acc: &mut Acc, out: &mut Output) {
         let Some(loc) = loc else {
-            match self.mode {
-                MergeMode::Record => out.write_record(inc, None),
-                MergeMode::Field => {
-                    acc.row = inc;
-                    acc.cols.clear();
-                    acc.cols.resize(self.data_cols.len(), inc);
-                    out.write_field(acc, None, Some(inc.row() as u32));
-                }
-            }
-            return;
+            acc.row = inc;
+            acc.cols.clear();
+            acc.cols.resize(self.data_cols.len(), inc);
+            return out.write_field(acc, None, Some(inc.row() as u32));
         };
-        let local = Some(loc.row() as u32);
-        match self.mode {
-            MergeMode::Record => match self.stamp_order(inc, loc) {
-                Ordering::Greater => {
-                    self.record_conflict(loc, inc, out);
-                    out.write_record(inc, local);
-                }
-                Ordering::Less => self.record_conflict(inc, loc, out),
-                // The same (hlc, node) is never a conflict; the other columns decide
-                // (`full_order`), later, for all such keys at once (`incoming_wins_ties`).
-                Ordering::Equal => out.ties.push((inc.row() as u32, loc.row() as u32)),
-            },
-            MergeMode::Field => {
-                // Start from the local row; take each part the incoming version wins
-                // strictly (ties keep the local part, so "unchanged" is "all local").
-                acc.row = loc;
-                acc.cols.clear();
-                acc.cols.resize(self.data_cols.len(), loc);
-                self.field_conflict(acc, inc, out);
-                // `copy`: every part is the incoming one or equal to it.
-                let (mut changed, mut copy) = (false, true);
-                match self.version_order(inc, loc) {
-                    Ordering::Greater => {
-                        acc.row = inc;
-                        changed = true;
-                    }
-                    Ordering::Less => copy = false,
-                    Ordering::Equal => {}
-                }
-                for d in 0..acc.cols.len() {
-                    match self.column_order(d, inc, loc) {
-                        Ordering::Greater => {
-                            acc.cols[d] = inc;
-                            changed = true;
-                        }
-                        Ordering::Less => copy = false,
-                        Ordering::Equal => {}
-                    }
-                }
-                if changed {
-                    out.write_field(acc, local, copy.then_some(inc.row() as u32));
-                }
+        // Start from the local row; take each part the incoming version wins strictly
+        // (ties keep the local part, so "unchanged" is "all local").
+        acc.row = loc;
+        acc.cols.clear();
+        acc.cols.resize(self.data_cols.len(), loc);
+        self.field_conflict(acc, inc, out);
+        // `copy`: every part is the incoming one or equal to it.
+        let (mut changed, mut copy) = (false, true);
+        match self.version_order(inc, loc) {
+            Ordering::Greater => {
+                acc.row = inc;
+                changed = true;
             }
+            Ordering::Less => copy = false,
+            Ordering::Equal => {}
+        }
+        for d in 0..acc.cols.len() {
+            match self.column_order(d, inc, loc) {
+                Ordering::Greater => {
+                    acc.cols[d] = inc;
+                    changed = true;
+                }
+                Ordering::Less => copy = false,
+                Ordering::Equal => {}
+            }
+        }
+        if changed {
+            out.write_field(acc, Some(loc.row() as u32), copy.then_some(inc.row() as u32));
         }
     }
 

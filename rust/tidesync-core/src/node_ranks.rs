@@ -13,6 +13,7 @@ use arrow_array::{Array, ArrayRef, OffsetSizeTrait, StringArray};
 use arrow_schema::DataType;
 
 use crate::error::{CoreError, Result};
+use crate::hash::{short, MASK_HIGH, MASK_LOW};
 
 /// For each of `columns` (string columns without nulls), every row's rank among
 /// the distinct values of all of them, in byte order; and those values, in that
@@ -47,27 +48,6 @@ pub(crate) fn node_ranks<const N: usize>(columns: [&ArrayRef; N]) -> Result<([Ve
     let text = |id: &u32| std::str::from_utf8(dict.strings[*id as usize]).expect("read from a string array");
     Ok((ranks, StringArray::from_iter_values(order.iter().map(text))))
 }
-
-/// `MASK_LOW[len]` keeps the first `min(len, 8)` bytes of a little-endian word;
-/// `MASK_HIGH[len]` the first `len - 8` bytes of the next (strings of up to 16 bytes).
-const MASK_LOW: [u64; 17] = {
-    let mut m = [u64::MAX; 17];
-    let mut len = 0;
-    while len < 8 {
-        m[len] = (1u64 << (8 * len)) - 1;
-        len += 1;
-    }
-    m
-};
-const MASK_HIGH: [u64; 17] = {
-    let mut m = [0u64; 17];
-    let mut len = 9;
-    while len <= 16 {
-        m[len] = if len == 16 { u64::MAX } else { (1u64 << (8 * (len - 8))) - 1 };
-        len += 1;
-    }
-    m
-};
 
 /// Distinct strings with ids in order of first appearance. Strings of up to 16 bytes
 /// (node ids usually are) are looked up by their bytes as two words in a small
@@ -122,7 +102,7 @@ impl<'a> Dict<'a> {
             self.grow();
         }
         let mask = self.short.len() - 1;
-        let mut pos = slot(low, high, len) & mask;
+        let mut pos = short(low, high, len as usize) as usize & mask;
         loop {
             let (l, h, n, id) = self.short[pos];
             if id == u32::MAX {
@@ -144,7 +124,7 @@ impl<'a> Dict<'a> {
         let old = std::mem::replace(&mut self.short, vec![(0, 0, 0, u32::MAX); len]);
         let mask = self.short.len() - 1;
         for e in old.into_iter().filter(|e| e.3 != u32::MAX) {
-            let mut pos = slot(e.0, e.1, e.2) & mask;
+            let mut pos = short(e.0, e.1, e.2 as usize) as usize & mask;
             while self.short[pos].3 != u32::MAX {
                 pos = (pos + 1) & mask;
             }
@@ -162,13 +142,6 @@ impl<'a> Dict<'a> {
         }
         (rank, order)
     }
-}
-
-/// A table slot for a short string (one multiply, folded).
-#[inline]
-fn slot(low: u64, high: u64, len: u32) -> usize {
-    let m = (low ^ 0x9e37_79b9_7f4a_7c15) as u128 * (high ^ len as u64 ^ 0xd6e8_feb8_6659_fd93) as u128;
-    (m as u64 ^ (m >> 64) as u64) as usize
 }
 
 #[cfg(test)]
