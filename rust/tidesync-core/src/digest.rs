@@ -1,8 +1,9 @@
 //! Range digests: hash rows into buckets of the key-hash space so that two nodes
 //! can find which buckets differ by exchanging a few kilobytes, then which rows.
 //!
-//! A row's bucket depends on its key only (the top bits of its key's hash, `hash::hash_bytes` for text and binary keys), so a
-//! row stays in its bucket across versions, and bucket `b` of `2^k` splits into
+//! A row's bucket depends on its key only (the top bits of the key's hash,
+//! `hash::hash_bytes` for text and binary keys), so a row stays in its bucket across
+//! versions, and bucket `b` of `2^k` splits into
 //! `2b` and `2b + 1` of `2^(k+1)`. A row's hash starts from the key hash and folds
 //! in each listed column; a bucket's hash is the wrapping sum of its rows' hashes,
 //! so it does not depend on row order. Hashes are for finding divergence, not for
@@ -36,11 +37,8 @@ pub fn digest(batch: &RecordBatch, key: &str, buckets: u32, columns: &[&str]) ->
         let mut acc = vec![(0u64, 0u64); buckets as usize];
         input.hash_rows(start, len, |bucket_of, hash| {
             for (&b, &h) in bucket_of.iter().zip(hash) {
-                // `b` is below `buckets` (it is the top bits of a hash): `get_mut` only
-                // spares the bounds check's panic path.
-                if let Some(a) = acc.get_mut(b as usize) {
-                    *a = (a.0 + 1, a.1.wrapping_add(h));
-                }
+                let a = &mut acc[b as usize];
+                *a = (a.0 + 1, a.1.wrapping_add(h));
             }
         });
         acc

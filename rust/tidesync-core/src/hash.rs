@@ -75,9 +75,7 @@ pub(crate) fn short(low: u64, high: u64, len: usize) -> u64 {
 /// Sixteen bytes as two words, mixed with two of the constants.
 #[inline(always)]
 fn pair(b: &[u8; 16], s0: u64, s1: u64) -> u64 {
-    let (low, high) = b.split_at(8);
-    let word = |w: &[u8]| u64::from_le_bytes(w.try_into().expect("8 bytes"));
-    mum(word(low) ^ s0, word(high) ^ s1)
+    mum(word(b, 0) ^ s0, word(b, 8) ^ s1)
 }
 
 /// 17 to 64 bytes (`b.len()`): the first and last 16, and for more than 32 the

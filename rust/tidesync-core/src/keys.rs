@@ -54,7 +54,7 @@ pub(crate) fn read_key_pair<'a>(
     Ok((read_keys(a.0, key, a.1)?, read_keys(b.0, key, b.1)?))
 }
 
-/// A text key column (no nulls: `read_keys` checked) as UUID values, if all are.
+/// A text key column without nulls as UUID values, if all its values are UUID texts.
 fn uuid_values(col: &ArrayRef) -> Option<Vec<u128>> {
     match col.data_type() {
         DataType::Utf8 => {

@@ -120,12 +120,13 @@ pub fn merge(local: &RecordBatch, incoming: &RecordBatch, key: &str, mode: Merge
         return Err(invalid("merge takes batches below 2^31 rows; split the incoming changes into pages"));
     }
     let ctx = Ctx::new(local, incoming, key, mode)?;
-    let stamps = if mode == MergeMode::Record { ctx.local_stamps() } else { Vec::new() };
-    let stamp = |row: u32| if row == NONE { LocalStamp::default() } else { stamps[row as usize] };
+    // Record mode decides on the local rows' stamps (`Groups::stamp`).
+    let stamps = (mode == MergeMode::Record).then(|| ctx.local_stamps());
+    let stamps = stamps.as_deref();
     let groups = match read_key_pair((local, "local"), (incoming, "incoming"), key)? {
-        (KeyValues::Bytes(l), KeyValues::Bytes(i)) => group(&l, &i, key, mode, stamp)?,
-        (KeyValues::Int(l), KeyValues::Int(i)) => group(&l, &i, key, mode, stamp)?,
-        (KeyValues::Uuid(l), KeyValues::Uuid(i)) => group(&l, &i, key, mode, stamp)?,
+        (KeyValues::Bytes(l), KeyValues::Bytes(i)) => group(&l, &i, key, stamps)?,
+        (KeyValues::Int(l), KeyValues::Int(i)) => group(&l, &i, key, stamps)?,
+        (KeyValues::Uuid(l), KeyValues::Uuid(i)) => group(&l, &i, key, stamps)?,
         _ => return Err(invalid("key columns of local and incoming differ in type")),
     };
     // Keys are independent: decide contiguous ranges of groups on separate threads,
@@ -185,8 +186,7 @@ fn group<K: KeyHash + Sync>(
     local: &[K],
     incoming: &[K],
     key: &str,
-    mode: MergeMode,
-    stamp: impl Fn(u32) -> LocalStamp,
+    local_stamps: Option<&[LocalStamp]>,
 ) -> Result<Groups> {
     // Every key is hashed once, for the partitions and the tables of `match_keys`.
     let local_hash = par_map(local.len(), PARALLEL_MIN_KEYS, |row| local[row].key_hash());
@@ -208,9 +208,10 @@ fn group<K: KeyHash + Sync>(
             g.last = row;
         }
     }
-    // Record mode: the local rows' stamps, gathered in one tight loop, where their
-    // random reads overlap far better than in the decisions.
-    if mode == MergeMode::Record {
+    // The local rows' stamps, gathered in one tight loop, where their random reads
+    // overlap far better than in the decisions.
+    if let Some(stamps) = local_stamps {
+        let stamp = |l: u32| if l == NONE { LocalStamp::default() } else { stamps[l as usize] };
         groups.stamp = matches.local.iter().map(|&l| stamp(l)).collect();
     }
     Ok(groups)
