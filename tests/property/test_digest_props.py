@@ -194,3 +194,18 @@ def test_differing_buckets_needs_equal_sizes() -> None:
     t = pa.table({KEY: ["a"], "_hlc": [1], "_node": ["n"]})
     with pytest.raises(InvalidInputError):
         tidesync.differing_buckets(tidesync.digest(t, KEY, 4), tidesync.digest(t, KEY, 8))
+
+
+@given(synced_tables(), _buckets)
+def test_digest_does_not_depend_on_the_string_layout(s: Synced, buckets: int) -> None:
+    """Text as utf8, large_utf8 or utf8_view hashes alike: the fast path (utf8 or
+    large_utf8 key and ``_node``, int64 ``_hlc``) and the general one (views) agree."""
+    want = tidesync.digest(s.table, KEY, buckets)
+    want_rows = tidesync.row_hashes(s.table, KEY, buckets).column("hash")
+    key_type = s.table.schema.field(KEY).type
+    for text in (pa.large_utf8(), pa.string_view()):
+        t = s.table.set_column(2, "_node", s.table.column("_node").cast(text))
+        if pa.types.is_string(key_type):
+            t = t.set_column(0, KEY, t.column(KEY).cast(text))
+        assert tidesync.digest(t, KEY, buckets).equals(want), text
+        assert tidesync.row_hashes(t, KEY, buckets).column("hash").equals(want_rows), text

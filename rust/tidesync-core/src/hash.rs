@@ -1,11 +1,11 @@
 //! The 64-bit hash of byte strings that digests and key tables use.
 //!
 //! A multiply-fold hash in the style of wyhash: a string of up to 16 bytes is its two
-//! 8-byte words (masked to its length) multiplied once, 17 to 64 bytes take two or
-//! four such multiplies of words read from both ends, and every string ends with one
-//! more multiply that folds in its length; longer strings go through `xxh3_64`.
+//! 8-byte words (masked to its length) multiplied once, 17 to 64 bytes take one such
+//! multiply per 16-byte piece (2, 3 or 4), and every string ends with one more
+//! multiply that folds in its length; longer strings go through `xxh3_64`.
 //! Digests hash every key and node id of a table, so this is their hot loop: a 36-byte
-//! UUID text costs five multiplies and no branch on its length, where `xxh3_64` costs
+//! UUID text costs four multiplies and no branch on its length, where `xxh3_64` costs
 //! about twice as much and branches on the length of short strings (node ids of mixed
 //! lengths mispredict). `xxhash-rust`'s and `rapidhash`'s short-string paths both
 //! branch; hence this small function of our own. Not cryptographic: it finds
@@ -51,7 +51,7 @@ pub(crate) const MASK_HIGH: [u64; 17] = {
 
 /// The 128-bit product of two words, folded to 64 bits.
 #[inline(always)]
-fn mum(a: u64, b: u64) -> u64 {
+pub(crate) fn mum(a: u64, b: u64) -> u64 {
     let r = a as u128 * b as u128;
     r as u64 ^ (r >> 64) as u64
 }
@@ -78,8 +78,9 @@ fn pair(b: &[u8; 16], s0: u64, s1: u64) -> u64 {
     mum(word(b, 0) ^ s0, word(b, 8) ^ s1)
 }
 
-/// 17 to 64 bytes (`b.len()`): the first and last 16, and for more than 32 the
-/// 16 after the first and before the last (these may overlap).
+/// 17 to 64 bytes (`b.len()`): 16-byte pieces from the start, the last of them
+/// replaced by the last 16 bytes (which may overlap the piece before it), so that a
+/// 36-byte UUID text takes three pieces.
 #[inline(always)]
 fn medium(b: &[u8]) -> u64 {
     let n = b.len();
@@ -88,10 +89,12 @@ fn medium(b: &[u8]) -> u64 {
     };
     let mut acc = pair(first, S[0], S[1]) ^ pair(last, S[2], S[3]);
     if n > 32 {
-        let (Some(second), Some(before_last)) = (b[16..].first_chunk::<16>(), b[..n - 16].last_chunk::<16>()) else {
-            unreachable!("more than 32 bytes")
-        };
-        acc ^= pair(second, S[4], S[5]) ^ pair(before_last, S[6], S[7]);
+        let Some(second) = b[16..].first_chunk::<16>() else { unreachable!("more than 32 bytes") };
+        acc ^= pair(second, S[4], S[5]);
+    }
+    if n > 48 {
+        let Some(third) = b[32..].first_chunk::<16>() else { unreachable!("more than 48 bytes") };
+        acc ^= pair(third, S[6], S[7]);
     }
     finish(acc, n)
 }
@@ -115,14 +118,18 @@ pub(crate) fn hash_bytes(b: &[u8]) -> u64 {
 /// masked, so that strings of mixed short lengths take no branch on their length.
 #[inline(always)]
 pub(crate) fn hash_in(data: &[u8], from: usize, to: usize) -> u64 {
-    let len = to - from;
-    if len <= 16 && from + 16 <= data.len() {
-        short(word(data, from) & MASK_LOW[len], word(data, from + 8) & MASK_HIGH[len], len)
-    } else if (17..=64).contains(&len) {
-        medium(&data[from..to])
-    } else {
-        hash_bytes(&data[from..to])
+    // One bounds check per string (`get` and `first_chunk`), not one per word read.
+    let len = to.wrapping_sub(from);
+    if len <= 16 {
+        if let Some(b) = data.get(from..).and_then(<[u8]>::first_chunk::<16>) {
+            return short(word(b, 0) & MASK_LOW[len], word(b, 8) & MASK_HIGH[len], len);
+        }
+    } else if len <= 64 {
+        if let Some(b) = data.get(from..to) {
+            return medium(b);
+        }
     }
+    hash_bytes(&data[from..to])
 }
 
 /// The hash of a 64-bit value (as its 8 little-endian bytes would hash).

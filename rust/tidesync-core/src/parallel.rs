@@ -52,10 +52,15 @@ where
     if threads == 1 {
         return vec![work(0, items)];
     }
+    // The calling thread takes the first range itself: one thread fewer to start.
+    let ranges = split(items, threads);
     std::thread::scope(|scope| {
         let work = &work;
-        let handles: Vec<_> = split(items, threads).into_iter().map(|(s, l)| scope.spawn(move || work(s, l))).collect();
-        handles.into_iter().map(|h| h.join().expect("tidesync worker thread panicked")).collect()
+        let handles: Vec<_> = ranges[1..].iter().map(|&(s, l)| scope.spawn(move || work(s, l))).collect();
+        let mut out = Vec::with_capacity(ranges.len());
+        out.push(work(ranges[0].0, ranges[0].1));
+        out.extend(handles.into_iter().map(|h| h.join().expect("tidesync worker thread panicked")));
+        out
     })
 }
 
