@@ -22,6 +22,7 @@ mod node_ranks;
 pub mod order;
 pub mod parallel;
 mod schema;
+mod select;
 mod uuid_text;
 
 pub use diff::{diff, Diff};

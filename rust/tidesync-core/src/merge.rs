@@ -13,7 +13,7 @@ use arrow_buffer::{BooleanBuffer, Buffer, NullBuffer, OffsetBuffer};
 use arrow_ord::cmp::distinct;
 use arrow_ord::ord::{make_comparator, DynComparator};
 use arrow_schema::{DataType, Field, Schema, SchemaRef};
-use arrow_select::filter::{FilterBuilder, FilterPredicate};
+use arrow_select::filter::FilterBuilder;
 use arrow_select::interleave::interleave;
 use arrow_select::take::take;
 
@@ -24,6 +24,7 @@ use crate::node_ranks::node_ranks;
 use crate::order::VALUE_ORDER;
 use crate::parallel::{par_map, par_ranges};
 use crate::schema::{require_same_columns, union_nullability};
+use crate::select::Selection;
 
 pub const HLC: &str = "_hlc";
 pub const NODE: &str = "_node";
@@ -1032,12 +1033,9 @@ fn assemble(
     enum Index {
         /// Every incoming row, in order: the columns are shared, not copied.
         All,
-        /// Incoming rows in increasing order: `filter` copies runs of rows at once
-        /// (the predicate's runs are found once, for every column of the part).
-        /// Fixed-width columns with nulls are `take`n by the same rows instead:
-        /// `filter` copies their validity bits run by run, which with short runs
-        /// (a few rows dropped here and there) took twice as long as `take`.
-        Filter(FilterPredicate, UInt32Array),
+        /// Incoming rows in increasing order, copied by select.rs (the selection's
+        /// runs and bit mask are found once, for every column of the part).
+        Select(Selection),
         Take(UInt32Array),
         Interleave(Vec<(usize, usize)>),
     }
@@ -1051,11 +1049,10 @@ fn assemble(
             if increasing && rows.len() == n_incoming {
                 Index::All
             } else if increasing {
-                let mut keep = vec![false; n_incoming];
-                (0..rows.len()).for_each(|r| keep[source(part, r).row()] = true);
-                let filter = FilterBuilder::new(&BooleanArray::from(keep)).optimize().build();
-                let rows = UInt32Array::from_iter_values((0..rows.len()).map(|r| source(part, r).row() as u32));
-                Index::Filter(filter, rows)
+                Index::Select(Selection::new(
+                    n_incoming,
+                    (0..rows.len()).map(|r| source(part, r).row() as u32).collect(),
+                ))
             } else {
                 Index::Take(UInt32Array::from_iter_values((0..rows.len()).map(|r| source(part, r).row() as u32)))
             }
@@ -1075,14 +1072,7 @@ fn assemble(
     let out: Vec<Result<ArrayRef>> = par_map(ncols, per_thread, |c| {
         Ok(match index_of(c) {
             Index::All => ctx.batches[INCOMING].column(c).clone(),
-            Index::Filter(keep, rows) => {
-                let col = ctx.batches[INCOMING].column(c);
-                if col.data_type().is_primitive() && col.null_count() > 0 {
-                    take(col, rows, None)?
-                } else {
-                    keep.filter(col)?
-                }
-            }
+            Index::Select(selection) => selection.apply(ctx.batches[INCOMING].column(c))?,
             Index::Take(idx) => take(ctx.batches[INCOMING].column(c), idx, None)?,
             Index::Interleave(idx) => {
                 let arrays = [ctx.batches[LOCAL].column(c).as_ref(), ctx.batches[INCOMING].column(c).as_ref()];
