@@ -13,8 +13,6 @@ use arrow_buffer::{BooleanBuffer, Buffer, NullBuffer, OffsetBuffer};
 use arrow_ord::cmp::distinct;
 use arrow_ord::ord::{make_comparator, DynComparator};
 use arrow_schema::{DataType, Field, Schema, SchemaRef};
-use arrow_select::filter::FilterBuilder;
-use arrow_select::interleave::interleave;
 use arrow_select::take::take;
 
 use crate::error::{invalid, CoreError, Result};
@@ -24,7 +22,7 @@ use crate::node_ranks::node_ranks;
 use crate::order::VALUE_ORDER;
 use crate::parallel::{par_map, par_ranges};
 use crate::schema::{require_same_columns, union_nullability};
-use crate::select::Selection;
+use crate::select::{interleave, Picks, Selection};
 
 pub const HLC: &str = "_hlc";
 pub const NODE: &str = "_node";
@@ -929,26 +927,32 @@ fn conflict_batch<L: IntoIterator<Item = usize>>(
 
 /// Record mode: the conflict batch of the concurrent `(loser, winner)` pairs found
 /// while deciding: each loser's row with the data columns where it differs from its
-/// winner, unless it differs in none. Built a column at a time with Arrow kernels
-/// (tight gather loops over random rows, whose cache misses overlap): each data
-/// column of the losers and of the winners is gathered from both sides at once
-/// (`interleave`) and compared in order; the losers' gathered values are then the
-/// output column (filtered to the pairs kept), and the other columns are gathered
-/// for the kept pairs only. Rows come in the order of `pairs`.
+/// winner, unless it differs in none. Built a column at a time: the rows the pairs
+/// name are read from each side in row order (`Picks`, so the reads run forward
+/// through memory), the losers' and the winners' values are gathered from those
+/// (`interleave`) and compared (`distinct`); the losers' values are then the output
+/// column (kept to the pairs that differ), and the other columns are gathered for
+/// the kept pairs only. Rows come in the order of `pairs`.
 fn record_conflicts(ctx: &Ctx, schema: &SchemaRef, pairs: &[(V, V)]) -> Result<RecordBatch> {
     let ncols = ctx.batches[INCOMING].num_columns();
     let nd = ctx.data_cols.len();
     let per_thread = if pairs.len() >= PARALLEL_MIN_KEYS / 4 { 1 } else { usize::MAX };
-    let sides = |c: usize| [ctx.batches[LOCAL].column(c).as_ref(), ctx.batches[INCOMING].column(c).as_ref()];
-    let losers: Vec<(usize, usize)> = pairs.iter().map(|(l, _)| (l.side(), l.row())).collect();
-    let winners: Vec<(usize, usize)> = pairs.iter().map(|(_, w)| (w.side(), w.row())).collect();
+    // Losers are picks 0..n, winners n..2n.
+    let n = pairs.len();
+    let rows = [ctx.batches[LOCAL].num_rows(), ctx.batches[INCOMING].num_rows()];
+    let picks: Vec<(usize, usize)> =
+        pairs.iter().map(|p| p.0).chain(pairs.iter().map(|p| p.1)).map(|v| (v.side(), v.row())).collect();
+    let picks = Picks::new(rows, &picks);
+    let (losers, winners) = (picks.places(0..n), picks.places(n..2 * n));
+    let read = |c: usize| picks.read([ctx.batches[LOCAL].column(c), ctx.batches[INCOMING].column(c)]);
     // Per data column: the losers' values, and which of them differ from the winners'.
     let data: Vec<(ArrayRef, BooleanBuffer)> = par_map(nd, per_thread, |d| -> Result<_> {
-        let c = ctx.data_cols[d];
-        let lost = interleave(&sides(c), &losers)?;
+        let [local, incoming] = read(ctx.data_cols[d])?;
+        let sides = [local.as_ref(), incoming.as_ref()];
+        let lost = interleave(sides, &losers)?;
         // `distinct` is null-aware (two nulls are equal) and compares floats by their
         // bits, as `ValueEq` does; types it does not cover are compared pair by pair.
-        let differs = match distinct(&lost, &interleave(&sides(c), &winners)?) {
+        let differs = match distinct(&lost, &interleave(sides, &winners)?) {
             Ok(mask) => mask.values().clone(),
             Err(_) => pairs.iter().map(|&(l, w)| !ctx.eq[d].eq(l, w)).collect(),
         };
@@ -959,15 +963,18 @@ fn record_conflicts(ctx: &Ctx, schema: &SchemaRef, pairs: &[(V, V)]) -> Result<R
     let any = data.iter().fold(BooleanBuffer::new_unset(pairs.len()), |a, (_, b)| &a | b);
     let kept: Vec<usize> = any.set_indices().collect();
     let all_kept = kept.len() == pairs.len();
-    let keep = FilterBuilder::new(&BooleanArray::new(any, None)).optimize().build();
-    let kept_losers: Vec<(usize, usize)> = kept.iter().map(|&p| losers[p]).collect();
+    let keep = Selection::new(pairs.len(), kept.iter().map(|&p| p as u32).collect());
+    let kept_losers = picks.places(kept.iter().copied());
     let columns: Vec<ArrayRef> = par_map(ncols, per_thread, |c| match ctx.data_cols.iter().position(|&x| x == c) {
         Some(d) if all_kept => Ok(data[d].0.clone()),
-        Some(d) => keep.filter(&data[d].0),
-        None => interleave(&sides(c), &kept_losers),
+        Some(d) => keep.apply(&data[d].0),
+        None => {
+            let [local, incoming] = read(c)?;
+            interleave([local.as_ref(), incoming.as_ref()], &kept_losers)
+        }
     })
     .into_iter()
-    .collect::<std::result::Result<_, _>>()?;
+    .collect::<Result<_>>()?;
     let kept_winners: Vec<V> = kept.iter().map(|&p| pairs[p].1).collect();
     let data = &data;
     let lost = kept.iter().map(|&p| (0..nd).filter(move |&d| data[d].1.value(p)));
@@ -1076,7 +1083,7 @@ fn assemble(
             Index::Take(idx) => take(ctx.batches[INCOMING].column(c), idx, None)?,
             Index::Interleave(idx) => {
                 let arrays = [ctx.batches[LOCAL].column(c).as_ref(), ctx.batches[INCOMING].column(c).as_ref()];
-                interleave(&arrays, idx)?
+                interleave(arrays, idx)?
             }
         })
     });
