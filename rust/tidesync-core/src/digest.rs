@@ -20,26 +20,28 @@ use arrow_schema::{DataType, Field, Schema, TimeUnit};
 use crate::error::{invalid, CoreError, Result};
 use crate::hash::{hash_bytes, hash_in, hash_u64, mum};
 use crate::keys::{check_len, column_index};
-use crate::parallel::{par_ranges, split_by};
+use crate::parallel::{par_fold, split_by};
 
 /// Rows hashed per chunk: the chunk's row hashes and buckets (48 KiB) stay in L1/L2
 /// while every column is folded into them, one tight typed loop per column.
 const CHUNK_ROWS: usize = 4 * 1024;
 /// Each thread gets at least this many rows (below that, one thread is faster).
 const PARALLEL_MIN_ROWS: usize = 64 * 1024;
+/// Rows a thread claims at a time (`par_fold`): small enough to even out a thread
+/// the host holds up, large enough that claiming costs nothing.
+const CLAIM_ROWS: usize = 32 * 1024;
 
 /// Per-bucket `{bucket, rows, hash}` for every bucket, empty ones included.
 pub fn digest(batch: &RecordBatch, key: &str, buckets: u32, columns: &[&str]) -> Result<RecordBatch> {
     let input = Input::new(batch, key, buckets, columns)?;
     // Each thread sums its rows into its own buckets; the sums are added after.
     // A bucket's count and sum side by side: one cache line to update per row.
-    let partials = par_ranges(batch.num_rows(), PARALLEL_MIN_ROWS, |start, len| {
-        let mut acc = vec![(0u64, 0u64); buckets as usize];
+    let init = || vec![(0u64, 0u64); buckets as usize];
+    let partials = par_fold(batch.num_rows(), PARALLEL_MIN_ROWS, CLAIM_ROWS, init, |acc, start, len| {
         input.each_row(start, len, |b, h| {
             let a = &mut acc[b as usize];
             *a = (a.0 + 1, a.1.wrapping_add(h));
         });
-        acc
     });
     let mut rows = vec![0u64; buckets as usize];
     let mut sums = vec![0u64; buckets as usize];

@@ -64,6 +64,41 @@ where
     })
 }
 
+/// Fold `0..items` in chunks of `chunk` items that the threads claim in turn, each
+/// into its own accumulator (`init`), returned in no particular order: for work
+/// whose results combine in any order (sums). Where `par_ranges` gives each thread
+/// one fixed share, here a thread that the host deschedules for a while leaves its
+/// unclaimed chunks to the others instead of holding up the call.
+pub(crate) fn par_fold<T, I, F>(items: usize, min_per_thread: usize, chunk: usize, init: I, work: F) -> Vec<T>
+where
+    T: Send,
+    I: Fn() -> T + Sync,
+    F: Fn(&mut T, usize, usize) + Sync,
+{
+    let threads = threads_for(items, min_per_thread);
+    let next = AtomicUsize::new(0);
+    let run = || {
+        let mut acc = init();
+        loop {
+            let start = next.fetch_add(chunk, Ordering::Relaxed);
+            if start >= items {
+                return acc;
+            }
+            work(&mut acc, start, chunk.min(items - start));
+        }
+    };
+    if threads == 1 {
+        return vec![run()];
+    }
+    std::thread::scope(|scope| {
+        let run = &run;
+        let handles: Vec<_> = (1..threads).map(|_| scope.spawn(run)).collect();
+        let mut out = vec![run()];
+        out.extend(handles.into_iter().map(|h| h.join().expect("tidesync worker thread panicked")));
+        out
+    })
+}
+
 /// `(0..items).map(f)`, in parallel when worthwhile, results in order.
 pub(crate) fn par_map<T, F>(items: usize, min_per_thread: usize, f: F) -> Vec<T>
 where
