@@ -52,13 +52,22 @@ where
     if threads == 1 {
         return vec![work(0, items)];
     }
-    // The calling thread takes the first range itself: one thread fewer to start.
     let ranges = split(items, threads);
+    on_threads(ranges.len(), |t| work(ranges[t].0, ranges[t].1))
+}
+
+/// `(0..threads).map(f)` with each call on its own thread, results in order. The
+/// calling thread makes call 0 itself: one thread fewer to start, and none waiting.
+fn on_threads<T, F>(threads: usize, f: F) -> Vec<T>
+where
+    T: Send,
+    F: Fn(usize) -> T + Sync,
+{
     std::thread::scope(|scope| {
-        let work = &work;
-        let handles: Vec<_> = ranges[1..].iter().map(|&(s, l)| scope.spawn(move || work(s, l))).collect();
-        let mut out = Vec::with_capacity(ranges.len());
-        out.push(work(ranges[0].0, ranges[0].1));
+        let f = &f;
+        let handles: Vec<_> = (1..threads).map(|t| scope.spawn(move || f(t))).collect();
+        let mut out = Vec::with_capacity(threads);
+        out.push(f(0));
         out.extend(handles.into_iter().map(|h| h.join().expect("tidesync worker thread panicked")));
         out
     })
@@ -76,6 +85,7 @@ where
     F: Fn(&mut T, usize, usize) + Sync,
 {
     let threads = threads_for(items, min_per_thread);
+    let chunk = chunk.max(1);
     let next = AtomicUsize::new(0);
     let run = || {
         let mut acc = init();
@@ -90,13 +100,7 @@ where
     if threads == 1 {
         return vec![run()];
     }
-    std::thread::scope(|scope| {
-        let run = &run;
-        let handles: Vec<_> = (1..threads).map(|_| scope.spawn(run)).collect();
-        let mut out = vec![run()];
-        out.extend(handles.into_iter().map(|h| h.join().expect("tidesync worker thread panicked")));
-        out
-    })
+    on_threads(threads, |_| run())
 }
 
 /// `(0..items).map(f)`, in parallel when worthwhile, results in order.

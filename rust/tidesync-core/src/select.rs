@@ -18,6 +18,7 @@ use std::sync::Arc;
 
 use arrow_array::cast::AsArray;
 use arrow_array::types::{BinaryType, ByteArrayType, LargeBinaryType, LargeUtf8Type, Utf8Type};
+use arrow_array::OffsetSizeTrait;
 use arrow_array::{
     downcast_primitive_array, Array, ArrayRef, ArrowPrimitiveType, BooleanArray, GenericByteArray, PrimitiveArray,
     UInt32Array,
@@ -247,7 +248,11 @@ fn interleave_bytes<T: ByteArrayType>(
         let (o, d) = sides[side];
         bytes.extend_from_slice(&d[o[row].as_usize()..o[row + 1].as_usize()]);
         offsets.push(T::Offset::from_usize(bytes.len()).ok_or_else(|| {
-            invalid(format!("more than {} bytes of {} values in one column; split the batch", i64::MAX, T::DATA_TYPE))
+            invalid(format!(
+                "more than {} bytes of {} values in one column; split the batch",
+                T::Offset::MAX_OFFSET,
+                T::DATA_TYPE
+            ))
         })?);
     }
     // SAFETY: whole values of valid arrays of this type, copied in order (valid UTF-8
